@@ -1,0 +1,1 @@
+//! Babel (RFC 8966) wire codec.

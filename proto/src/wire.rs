@@ -1,0 +1,1 @@
+//! Underlay wire formats.
