@@ -1,0 +1,4 @@
+//! # hypha-dataplane
+//!
+//! The packet-moving half of Hypha (see DESIGN.md, "Dataplane").
+#![warn(missing_docs)]
