@@ -26,8 +26,10 @@
 //! let mut cmd = std::process::Command::new("/path/to/hypha");
 //! cmd.args(["--peers", &format!("udp://{}:9651", ab.a().ipv4())]);
 //! let daemon = b.spawn("hypha-b", cmd)?;
-//! wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-//!     daemon.log().is_ok_and(|l| l.contains("listening"))
+//! daemon.wait_for_log("listening", Duration::from_secs(10))?;
+//! wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+//!     a.ping(IpAddr::V4(ab.b().ipv4()), 1, Duration::from_millis(10))
+//!         .is_ok_and(|s| s.received == 1)
 //! })?;
 //!
 //! // Rust code inside a namespace (sockets stay in it afterwards):
@@ -50,7 +52,8 @@
 //! - [`Link`] / [`LinkEnd`]: addresses and interface names of each end,
 //!   [`set_up`](Link::set_up) to cut and restore, [`set_loss`](Link::set_loss).
 //! - [`ProcHandle`]: [`pid`](ProcHandle::pid), [`kill`](ProcHandle::kill),
-//!   [`wait_exit`](ProcHandle::wait_exit), [`stop`](ProcHandle::stop), [`log`](ProcHandle::log).
+//!   [`wait_exit`](ProcHandle::wait_exit), [`wait_for_log`](ProcHandle::wait_for_log),
+//!   [`stop`](ProcHandle::stop), [`log`](ProcHandle::log).
 //! - [`Relay`], [`wait_until`], [`parse_ping`], [`ensure_bpffs`].
 //!
 //! ## Names

@@ -242,6 +242,31 @@ impl ProcHandle {
         }
     }
 
+    /// Waits until the log contains `needle` (e.g. a daemon's "listening" line). Fails fast with
+    /// [`Error::Exited`] if the process ends first, or with [`Error::Timeout`].
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log()?.contains(needle) {
+                return Ok(());
+            }
+            if let Some(exit) = self.try_exit()? {
+                // It may have written the line just before exiting.
+                if self.log()?.contains(needle) {
+                    return Ok(());
+                }
+                return Err(Error::Exited {
+                    name: self.inner.name.clone(),
+                    exit,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the process: SIGTERM to its group, up to [`STOP_GRACE`], then SIGKILL; reaps it.
     pub fn stop(&self) -> Result<ProcExit> {
         self.stop_with_grace(STOP_GRACE)
