@@ -72,11 +72,11 @@ fn relay_adds_its_delay_both_ways_and_keeps_order() {
         let (n, _) = sock.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], &i.to_be_bytes(), "datagram {i} out of order");
     }
+    // The counters are bumped just after each send; stopping joins the thread, so they are final.
+    relay.stop();
     assert_eq!(relay.forwarded_to_target(), 205);
     assert_eq!(relay.forwarded_to_clients(), 205);
     assert_eq!(relay.dropped(), 0);
-
-    relay.stop();
     stop.store(true, Ordering::Relaxed);
     echo_thread.join().unwrap();
 }
