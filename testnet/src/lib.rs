@@ -54,7 +54,7 @@
 //! - [`ProcHandle`]: [`pid`](ProcHandle::pid), [`kill`](ProcHandle::kill),
 //!   [`wait_exit`](ProcHandle::wait_exit), [`wait_for_log`](ProcHandle::wait_for_log),
 //!   [`stop`](ProcHandle::stop), [`log`](ProcHandle::log).
-//! - [`Relay`], [`wait_until`], [`parse_ping`], [`ensure_bpffs`].
+//! - [`Relay`], [`wait_until`], [`retry_interrupted`], [`parse_ping`], [`ensure_bpffs`].
 //!
 //! ## Names
 //! Every kernel object gets the net's [`tag`](TestNet::tag), `hy<pid base36>-<counter base36>`
@@ -677,6 +677,27 @@ pub fn wait_until(
             return Err(Error::Timeout(timeout));
         }
         std::thread::sleep(poll_interval.min(deadline - now));
+    }
+}
+
+/// Repeats `f` while it fails with [`std::io::ErrorKind::Interrupted`].
+///
+/// Blocking socket calls with a timeout (`recv_from` after `set_read_timeout`, for instance) fail
+/// with `EINTR` when the process is stopped and continued, even without signal handlers
+/// (signal(7)); on the shared test machines that happens under load. Wrap such calls in tests:
+///
+/// ```no_run
+/// # let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+/// let mut buf = [0u8; 1500];
+/// let (n, from) = hypha_testnet::retry_interrupted(|| sock.recv_from(&mut buf))?;
+/// # let _ = (n, from); Ok::<(), std::io::Error>(())
+/// ```
+pub fn retry_interrupted<T>(mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
     }
 }
 

@@ -166,7 +166,7 @@ fn run_in_uses_the_nodes_addresses() {
     })
     .unwrap();
     let mut buf = [0u8; 8];
-    let (n, from) = rx.recv_from(&mut buf).unwrap();
+    let (n, from) = hypha_testnet::retry_interrupted(|| rx.recv_from(&mut buf)).unwrap();
     assert_eq!(&buf[..n], b"hi");
     assert_eq!(from.ip(), IpAddr::V4(ab.b().ipv4()));
     // A panic inside run_in reaches the caller.
