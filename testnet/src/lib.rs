@@ -228,6 +228,14 @@ fn owned_by(name: &str, tag: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(['-', '_']))
 }
 
+/// `ip netns add`, one at a time per process: the first call on a fresh machine sets up the
+/// shared `/run/netns` mount, and two first calls racing could stack two such mounts.
+fn add_netns(name: &str) -> Result<()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    ns::host_ok(["ip", "netns", "add", name]).map(drop)
+}
+
 fn netns_names() -> Result<Vec<String>> {
     match std::fs::read_dir(ns::NETNS_DIR) {
         Ok(dir) => Ok(dir
@@ -344,25 +352,22 @@ impl TestNet {
             state.node_names.push(name.to_string());
             state.namespaces.push(netns.clone());
         }
-        ns::host_ok(["ip", "netns", "add", &netns])?;
+        add_netns(&netns)?;
         let node = Node {
             shared: self.shared.clone(),
             name: name.to_string(),
             netns,
         };
         ns::host_ok(["ip", "-n", &node.netns, "link", "set", "lo", "up"])?;
-        for key in [
-            "net.ipv6.conf.all.accept_dad",
-            "net.ipv6.conf.default.accept_dad",
-        ] {
-            node.sysctl(key, "0")?;
-        }
-        for key in [
-            "net.ipv6.conf.all.keep_addr_on_down",
-            "net.ipv6.conf.default.keep_addr_on_down",
-        ] {
-            node.sysctl(key, "1")?;
-        }
+        node.exec_ok([
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.keep_addr_on_down=1",
+            "net.ipv6.conf.default.keep_addr_on_down=1",
+        ])?;
         Ok(node)
     }
 
@@ -468,17 +473,17 @@ impl TestNet {
             return Err(Error::NameTooLong(mx));
         }
         self.shared.lock_state().namespaces.push(middle.clone());
-        ns::host_ok(["ip", "netns", "add", &middle])?;
+        add_netns(&middle)?;
         // The middle must stay silent: no IPv6 (no router solicitations, no NDP), no addresses.
-        for key in [
-            "net.ipv6.conf.all.disable_ipv6",
-            "net.ipv6.conf.default.disable_ipv6",
-        ] {
-            let mut cmd = std::process::Command::new("sysctl");
-            cmd.args(["-q", "-w", &format!("{key}=1")]);
-            ns::command_in_netns(&mut cmd, &middle)?;
-            ns::output_ok(cmd)?;
-        }
+        let mut cmd = std::process::Command::new("sysctl");
+        cmd.args([
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
+        ns::command_in_netns(&mut cmd, &middle)?;
+        ns::output_ok(cmd)?;
         self.veth_pair(&a.netns, &a.ifname, &middle, &mx)?;
         self.veth_pair(&middle, &my, &b.netns, &b.ifname)?;
         for dev in [&mx, &my] {
