@@ -10,6 +10,8 @@
 //! SeqCst fence and re-checks the ring before blocking; the waker publishes its position, issues
 //! a SeqCst fence and checks the flag. The fences guarantee that at least one of them sees the
 //! other's write, so a wakeup is never lost, and the eventfd is written only when someone sleeps.
+//! A wakeup can be spurious (the sleeper saw the data in its re-check and did not sleep, leaving a
+//! count in the eventfd), so every sleeper re-checks the ring and sleeps again until its deadline.
 //!
 //! The other process is outside input: positions that cannot happen (`tail > head`, more than
 //! `capacity` apart) are [`ShmError::Corrupt`], and records are decoded with full checks after
@@ -607,7 +609,8 @@ impl Consumer {
         self.shared.event(self.dir, false)
     }
 
-    /// Waits up to `timeout` for a record; returns whether one is available.
+    /// Waits up to `timeout` for a record; returns whether one is available (`false` only once
+    /// the timeout has passed: spurious eventfd wakeups are absorbed here).
     pub fn wait(&mut self, timeout: Duration) -> Result<bool, ShmError> {
         for _ in 0..SPINS {
             if self.has_data()? {
@@ -615,12 +618,22 @@ impl Consumer {
             }
             core::hint::spin_loop();
         }
-        if !self.arm()? {
-            return Ok(true);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.arm()? {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.disarm();
+                return self.has_data();
+            }
+            wait_readable(self.data_fd(), deadline - now)?;
+            self.disarm();
+            if self.has_data()? {
+                return Ok(true);
+            }
         }
-        wait_readable(self.data_fd(), timeout)?;
-        self.disarm();
-        self.has_data()
     }
 }
 
@@ -718,6 +731,26 @@ mod tests {
             .store(100, Ordering::Release);
         assert_eq!(c.available(), Err(ShmError::Corrupt { head: 100, tail: 0 }));
         assert!(r.producer(Direction::Down).is_err());
+    }
+
+    #[test]
+    fn stale_wakeup_does_not_end_a_wait() {
+        let r = small();
+        let mut c = r.consumer(Direction::Down).unwrap();
+        let mut p = r.producer(Direction::Down).unwrap();
+        // Armed, then a record arrives: the producer writes the eventfd...
+        assert!(c.arm().unwrap());
+        p.try_push(&Record::PeerDown(PeerId(0))).unwrap();
+        // ...but the consumer reads the record without sleeping, leaving the count behind.
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (0, 0));
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            p.try_push(&Record::PeerDown(PeerId(1))).unwrap();
+        });
+        // The stale count wakes the consumer at once; it must go back to sleep, not give up.
+        assert!(c.wait(Duration::from_secs(30)).unwrap());
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (1, 1));
+        t.join().unwrap();
     }
 
     #[test]
