@@ -346,28 +346,51 @@ impl Producer {
             }
             core::hint::spin_loop();
         }
-        let dir = self.dir;
-        let shared = self.shared.clone();
-        let ctl = shared.control(dir);
-        // Ask to be woken only once a quarter of the ring is free, so a producer that outruns its
-        // consumer sleeps once per quarter ring rather than once per record.
-        let wake_at = self.head.saturating_sub(self.capacity) + (self.capacity / 4).max(1);
         loop {
-            ctl.producer_sleeping.store(wake_at + 1, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if self.has_space()? {
-                ctl.producer_sleeping.store(0, Ordering::Relaxed);
+            if !self.arm()? {
                 return Ok(());
             }
             let now = Instant::now();
             if now >= deadline {
-                ctl.producer_sleeping.store(0, Ordering::Relaxed);
+                self.disarm();
                 return Err(PushError::TimedOut);
             }
-            let fd = self.shared.event(dir, true);
-            wait_readable(fd, deadline - now)?;
-            eventfd_clear(fd);
+            wait_readable(self.space_fd(), deadline - now)?;
+            self.disarm();
         }
+    }
+
+    /// Announces that this producer is about to sleep on [`Producer::space_fd`] because the ring
+    /// is full. Returns `false` (and does not arm) if a slot is free already: don't sleep then.
+    /// After waking, call [`Producer::disarm`]. For event loops that poll the eventfd themselves.
+    ///
+    /// The wakeup comes once a quarter of the ring is free, so a producer that outruns its
+    /// consumer sleeps once per quarter ring rather than once per record.
+    pub fn arm(&mut self) -> Result<bool, ShmError> {
+        let wake_at = self.head.saturating_sub(self.capacity) + (self.capacity / 4).max(1);
+        let shared = self.shared.clone();
+        let ctl = shared.control(self.dir);
+        ctl.producer_sleeping.store(wake_at + 1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.has_space()? {
+            ctl.producer_sleeping.store(0, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Ends a sleep begun with [`Producer::arm`]: clears the flag and the eventfd.
+    pub fn disarm(&mut self) {
+        self.shared
+            .control(self.dir)
+            .producer_sleeping
+            .store(0, Ordering::Relaxed);
+        eventfd_clear(self.space_fd());
+    }
+
+    /// The "space available" eventfd of this ring (readable after the consumer woke us).
+    pub fn space_fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        self.shared.event(self.dir, true)
     }
 }
 
@@ -740,6 +763,27 @@ mod tests {
             .store(100, Ordering::Release);
         assert_eq!(c.available(), Err(ShmError::Corrupt { head: 100, tail: 0 }));
         assert!(r.producer(Direction::Down).is_err());
+    }
+
+    #[test]
+    fn sleeping_producer_is_woken_once_a_quarter_is_free() {
+        let r = small();
+        let mut p = r.producer(Direction::Down).unwrap();
+        let mut c = r.consumer(Direction::Down).unwrap();
+        for i in 0..8 {
+            p.try_push(&Record::PeerDown(PeerId(i))).unwrap();
+        }
+        assert!(p.arm().unwrap(), "full ring: the producer may sleep");
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (0, 0));
+        assert_eq!(c.wakeups_sent(), 0, "one free slot of eight: no wakeup yet");
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (1, 1));
+        assert_eq!(c.wakeups_sent(), 1, "a quarter free: one wakeup");
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (2, 2));
+        assert_eq!(c.wakeups_sent(), 1, "the flag was cleared by the wakeup");
+        p.disarm();
+        assert!(!p.arm().unwrap(), "free slots: no sleeping");
+        assert_eq!(p.free_slots().unwrap(), 3);
+        p.wait_space(Instant::now()).unwrap();
     }
 
     #[test]
