@@ -1,4 +1,11 @@
 //! # hypha-dataplane
 //!
 //! The packet-moving half of Hypha (see DESIGN.md, "Dataplane").
+//!
+//! The modules here are the dataplane's pure parts, usable without any I/O: the FIB ([`fib`]), the
+//! replay window ([`replay`]), the E2E session crypto and session table ([`session`]) and the packet
+//! buffer pool ([`pool`]).
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod fib;
