@@ -31,7 +31,7 @@
 //! bench/benches/fib.rs for measured update rates. Memory: at most two snapshots of the table,
 //! plus any snapshot a slow reader still holds.
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::Ipv6Addr;
 use std::sync::Arc;
@@ -117,7 +117,7 @@ impl Prefix {
     }
 
     /// The prefix length.
-    pub const fn len(&self) -> u8 {
+    pub const fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -553,7 +553,7 @@ mod tests {
         routes
             .iter()
             .filter(|(p, _)| p.contains(dst))
-            .max_by_key(|(p, _)| p.len())
+            .max_by_key(|(p, _)| p.prefix_len())
             .map(|(_, nh)| *nh)
     }
 
@@ -676,7 +676,7 @@ mod tests {
             v.into_iter()
                 .map(|(r, i, inside)| match routes.get(i) {
                     // A random address inside a route's prefix, or a fully random one.
-                    Some((p, _)) if inside => p.bits() | (r & !mask128(p.len())),
+                    Some((p, _)) if inside => p.bits() | (r & !mask128(p.prefix_len())),
                     _ => r,
                 })
                 .collect()
