@@ -10,3 +10,4 @@
 
 pub mod fib;
 pub mod replay;
+pub mod session;
