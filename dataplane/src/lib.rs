@@ -9,5 +9,6 @@
 #![forbid(unsafe_code)]
 
 pub mod fib;
+pub mod pool;
 pub mod replay;
 pub mod session;
