@@ -447,9 +447,11 @@ impl FibHandle {
 #[derive(Debug)]
 pub struct FibUpdater {
     handle: FibHandle,
-    /// The snapshot published before the current one, and the batch that turned it into the
-    /// current one: replaying that batch brings it up to date without a copy.
-    spare: Option<(Arc<Fib>, Vec<RouteUpdate>)>,
+    /// The snapshot published before the current one: replaying `prev_batch` (the batch that
+    /// turned it into the current one) brings it up to date without a copy.
+    spare: Option<Arc<Fib>>,
+    /// The last applied batch (its buffer is reused from batch to batch).
+    prev_batch: Vec<RouteUpdate>,
     stats: UpdateStats,
 }
 
@@ -476,6 +478,7 @@ impl FibUpdater {
         let updater = FibUpdater {
             handle: handle.clone(),
             spare: None,
+            prev_batch: Vec::new(),
             stats: UpdateStats::default(),
         };
         (updater, handle)
@@ -494,9 +497,9 @@ impl FibUpdater {
     /// Apply a batch of updates (in order) and publish the result.
     pub fn apply(&mut self, batch: &[RouteUpdate]) {
         let mut next = match self.spare.take() {
-            Some((mut old, prev_batch)) => match Arc::get_mut(&mut old) {
+            Some(mut old) => match Arc::get_mut(&mut old) {
                 Some(fib) => {
-                    for u in &prev_batch {
+                    for u in &self.prev_batch {
                         fib.apply(u);
                     }
                     self.stats.reused += 1;
@@ -506,14 +509,15 @@ impl FibUpdater {
             },
             None => self.copy_current(),
         };
-        // `next` is unshared: either reclaimed above or freshly cloned.
-        if let Some(fib) = Arc::get_mut(&mut next) {
-            for u in batch {
-                fib.apply(u);
-            }
+        // `next` is unshared (reclaimed above or freshly cloned), so this never copies again.
+        let fib = Arc::make_mut(&mut next);
+        for u in batch {
+            fib.apply(u);
         }
         let prev = self.handle.current.swap(next);
-        self.spare = Some((prev, batch.to_vec()));
+        self.spare = Some(prev);
+        self.prev_batch.clear();
+        self.prev_batch.extend_from_slice(batch);
     }
 
     /// Replace the whole route set (a resync after a control-plane restart: full replay).

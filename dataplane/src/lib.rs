@@ -4,11 +4,12 @@
 //!
 //! The modules here are the dataplane's pure parts, usable without any I/O: the FIB ([`fib`]), the
 //! replay window ([`replay`]), the E2E session crypto and session table ([`session`]) and the packet
-//! buffer pool ([`pool`]).
+//! buffer pool ([`pool`]), and the TUN device ([`tun`], the one module with `unsafe`: its ioctls).
 #![warn(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod fib;
 pub mod pool;
 pub mod replay;
 pub mod session;
+pub mod tun;
