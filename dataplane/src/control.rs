@@ -42,6 +42,7 @@ use crate::pool::{BufLayout, PacketPool};
 use crate::session::{Cipher, Session, SessionParams};
 use crate::state::{upper64, Shared};
 use crate::udp;
+use crate::xdp::XdpFastPath;
 
 /// How often counters go up the ring and expired sessions are removed.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -68,6 +69,9 @@ pub struct Control {
     scratch: PacketPool,
     batch: Vec<RouteUpdate>,
     stats: Option<TcpListener>,
+    xdp: Option<XdpFastPath>,
+    /// The FIB or peer set changed since the XDP maps were last synced.
+    xdp_dirty: bool,
 }
 
 impl core::fmt::Debug for Control {
@@ -108,6 +112,52 @@ impl Control {
             }),
             batch: Vec::new(),
             stats: None,
+            xdp: None,
+            xdp_dirty: false,
+        }
+    }
+
+    /// Hands the XDP fast path to the control thread, which keeps its maps in step with the FIB
+    /// and peer set from now on (synced once right away).
+    pub fn set_xdp(&mut self, xdp: XdpFastPath) {
+        self.xdp = Some(xdp);
+        self.xdp_dirty = true;
+        self.sync_xdp();
+    }
+
+    /// The XDP fast path, if one is loaded.
+    pub fn xdp(&self) -> Option<&XdpFastPath> {
+        self.xdp.as_ref()
+    }
+
+    /// Detaches and unpins the XDP fast path (clean exit).
+    pub fn shutdown_xdp(&mut self) {
+        if let Some(x) = self.xdp.take() {
+            x.shutdown();
+        }
+    }
+
+    /// Writes FIB and peer changes into the XDP maps. A failure unloads nothing: it is logged,
+    /// and retried at the next change.
+    fn sync_xdp(&mut self) {
+        if !self.xdp_dirty {
+            return;
+        }
+        self.xdp_dirty = false;
+        let Some(x) = &mut self.xdp else {
+            return;
+        };
+        let fib = self.shared.fib.load();
+        let peers = self.shared.peers.load();
+        match x.sync(&fib, &peers) {
+            Ok((written, removed)) if written + removed > 0 => {
+                tracing::debug!(written, removed, "XDP maps updated");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("updating the XDP maps: {e}");
+                self.xdp_dirty = true;
+            }
         }
     }
 
@@ -138,6 +188,8 @@ impl Control {
             self.shared.sessions.insert(Arc::new(s), true);
             self.installed.insert(params.local_index);
         }
+        self.xdp_dirty = true;
+        self.sync_xdp();
         tracing::info!(
             peers = cfg.peers.len(),
             routes = cfg.routes.len(),
@@ -159,6 +211,16 @@ impl Control {
 
     /// Applies one record from the down-ring.
     pub fn apply(&mut self, record: &Record<'_>) {
+        if matches!(
+            record,
+            Record::RouteAdd(_)
+                | Record::RouteRemove(_)
+                | Record::PeerUp(_)
+                | Record::PeerDown(_)
+                | Record::Resync(Resync::End { .. })
+        ) {
+            self.xdp_dirty = true;
+        }
         match record {
             Record::RouteAdd(entries) => {
                 self.batch.clear();
@@ -442,9 +504,23 @@ impl Control {
     pub fn stats_json(&self) -> serde_json::Value {
         let c = &self.shared.counters;
         let workers: Vec<_> = (0..c.rows()).map(|i| c.row_snapshot(i).to_json()).collect();
+        let mut counters = c.snapshot().to_json();
+        let xdp = match &self.xdp {
+            Some(x) => {
+                let j = x.stats_json();
+                // The XDP counters also sit among the others (`xdp_` names) for `hypha stats`.
+                if let (Some(all), Some(xc)) = (counters.as_object_mut(), j["counters"].as_object())
+                {
+                    all.extend(xc.clone());
+                }
+                j
+            }
+            None => serde_json::Value::Null,
+        };
         serde_json::json!({
             "address": self.shared.addr.to_string(),
-            "counters": c.snapshot().to_json(),
+            "counters": counters,
+            "xdp": xdp,
             "per_thread": workers,
             "routes": self.shared.fib.load().len(),
             "sessions": self.shared.sessions.load().len(),
@@ -524,6 +600,7 @@ impl Control {
                 }
                 None => std::thread::sleep(Duration::from_millis(50)),
             }
+            self.sync_xdp();
             let now = self.shared.clock.now();
             let publish = now.saturating_duration_since(last) >= HOUSEKEEPING;
             if publish {

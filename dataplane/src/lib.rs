@@ -7,7 +7,8 @@
 //! errors ([`icmp`]), counters ([`counters`]) and the forwarding decisions ([`forward`]).
 //! I/O: the TUN device ([`tun`]), the UDP sockets ([`udp`]), the io_uring wrapper ([`ring`]) and
 //! the workers that drive them ([`worker`]), and the control thread that applies the control
-//! plane's shm records or a static configuration ([`control`], [`config`]). `unsafe` is allowed
+//! plane's shm records or a static configuration ([`control`], [`config`]), and the XDP fast
+//! path's loader ([`xdp`]). `unsafe` is allowed
 //! only in the modules that make system calls (tun, udp, ring).
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
@@ -26,3 +27,4 @@ pub mod state;
 pub mod tun;
 pub mod udp;
 pub mod worker;
+pub mod xdp;
