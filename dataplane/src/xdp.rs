@@ -44,8 +44,6 @@ use crate::state::PeerTable;
 
 /// Where bpffs is mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
-/// `BPF_FS_MAGIC` (linux/magic.h).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// `--xdp`: whether and how to attach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -256,7 +254,7 @@ pub fn iface_with_addr(ip: IpAddr) -> Option<String> {
 /// Mounts bpffs on [`BPFFS`] unless it already is.
 pub fn ensure_bpffs() -> Result<(), XdpError> {
     if let Ok(st) = nix::sys::statfs::statfs(BPFFS) {
-        if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC {
             return Ok(());
         }
     }
@@ -673,10 +671,7 @@ mod tests {
     #[test]
     fn pin_dir_is_keyed_by_the_node() {
         let cfg = XdpConfig::new("548:c783:1::1".parse().unwrap(), 9651);
-        assert_eq!(
-            cfg.pin_dir(),
-            Path::new("/sys/fs/bpf/hypha/548-c783-1--1")
-        );
+        assert_eq!(cfg.pin_dir(), Path::new("/sys/fs/bpf/hypha/548-c783-1--1"));
     }
 
     #[test]
@@ -689,10 +684,10 @@ mod tests {
             ("4aa:0:0:1::", 64, 1), // our own /64: never transit
             ("4bb::", 64, 1),
             ("4cc::", 64, 2),
-            ("4dd::", 64, 3),         // peer 3 is down
-            ("4ee::", 64, 1),         // shadowed by the /80 below
+            ("4dd::", 64, 3), // peer 3 is down
+            ("4ee::", 64, 1), // shadowed by the /80 below
             ("4ee::1:0:0:0", 80, 2),
-            ("500::", 48, 2),         // not a /64
+            ("500::", 48, 2), // not a /64
         ]);
         let d = desired(&f, &peers, local, |to| match to {
             SocketAddr::V4(_) => Some("10.0.0.9".parse().unwrap()),

@@ -80,6 +80,10 @@ fn start(net: &TestNet, node: &Node, name: &str, cfg: &str) -> ProcHandle {
         "2",
         "--stats-listen",
         STATS,
+        // These tests exercise the user-space path (and inject datagrams from non-peers, which
+        // XDP would drop); tests/xdp.rs covers the fast path.
+        "--xdp",
+        "off",
     ])
     .env("RUST_LOG", "info");
     let p = node.spawn(name, cmd).unwrap();
