@@ -331,6 +331,8 @@ pub struct XdpFastPath {
     counters_map: PerCpuArray<MapData, XdpCounters>,
     current: Desired,
     attached: Vec<Attachment>,
+    /// Detected interfaces that refused the program (warned about once).
+    refused: HashSet<String>,
 }
 
 impl core::fmt::Debug for XdpFastPath {
@@ -417,6 +419,7 @@ impl XdpFastPath {
             counters_map,
             current: Desired::default(),
             attached: Vec::new(),
+            refused: HashSet::new(),
         };
         for iface in &cfg.ifaces {
             fp.attach(iface)?;
@@ -538,8 +541,12 @@ impl XdpFastPath {
             ifaces.sort();
             ifaces.dedup();
             for iface in ifaces {
+                if self.refused.contains(&iface) {
+                    continue;
+                }
                 if let Err(e) = self.attach(&iface) {
                     tracing::warn!("{e}; traffic on {iface} takes the user-space path");
+                    self.refused.insert(iface);
                 }
             }
         }

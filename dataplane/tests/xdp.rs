@@ -448,6 +448,47 @@ fn transit_line_driver_mode() {
     eprintln!("XDP transit line test took {:?}", t0.elapsed());
 }
 
+/// XDP that can't attach (loopback has no native XDP): a clear log line, and the dataplane runs
+/// without it.
+#[test]
+fn dataplane_runs_without_xdp_when_it_cannot_attach() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let net = TestNet::new("xdpno").unwrap();
+    let _pins = PinRootGuard(pin_root(&net));
+    let a = net.add_node("a").unwrap();
+    let path = net.log_dir().join("a.toml");
+    std::fs::write(&path, config(A, &[], &[], &[])).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypha-dp"));
+    cmd.args(["--static-config", path.to_str().unwrap(), "--workers", "1"])
+        .args([
+            "--stats-listen",
+            STATS,
+            "--xdp",
+            "driver",
+            "--xdp-iface",
+            "lo",
+        ])
+        .arg("--xdp-pin-root")
+        .arg(pin_root(&net));
+    let p = a.spawn("dp-a", cmd).unwrap();
+    p.wait_for_log("hypha-dp running", Duration::from_secs(10))
+        .unwrap();
+    let log = p.log().unwrap();
+    assert!(
+        log.contains("XDP fast path not used") && log.contains("attaching XDP to lo"),
+        "{log}"
+    );
+    let s = stats(&a).expect("dataplane not serving stats");
+    assert!(s["xdp"].is_null(), "{s}");
+    assert!(xdp_prog_ids(&a, "lo").is_empty());
+    // The failed start left no pins behind.
+    let node_dir = pin_root(&net).join(node_dir_name(&A.parse().unwrap()));
+    assert!(!node_dir.exists(), "{} left behind", node_dir.display());
+}
+
 fn fib_of(routes: &[(&str, u32)]) -> Fib {
     Fib::from_routes(
         FibHasherBuilder::random(),
@@ -582,4 +623,107 @@ fn reroute_updates_the_transit_map_generic_mode() {
     assert!(!dir.exists());
     assert!(xdp_prog_ids(&b, ab.b().ifname()).is_empty());
     eprintln!("XDP reroute test took {:?}", t0.elapsed());
+}
+
+/// Not a test but a measurement (run with `cargo test --release -p hypha-dataplane --test xdp
+/// -- --ignored --nocapture measure`): iperf3 TCP a→c through b, b's XDP off and on (driver),
+/// alternating in one run; prints the medians and their ratio (bench/xdp-results.md). Asserts
+/// only that traffic flowed.
+#[test]
+#[ignore]
+fn measure_transit_xdp_on_vs_off() {
+    if !is_root() || !have("iperf3") || !have("ethtool") {
+        eprintln!("skipped: needs root, iperf3 and ethtool");
+        return;
+    }
+    hypha_testnet::ensure_bpffs().unwrap();
+    let rounds: usize = std::env::var("XDP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let secs: u32 = std::env::var("XDP_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let net = TestNet::new("xdpbench").unwrap();
+    let _pins = PinRootGuard(pin_root(&net));
+    let a = net.add_node("a").unwrap();
+    let b = net.add_node("b").unwrap();
+    let c = net.add_node("c").unwrap();
+    let ab = net.link(&a, &b, LinkOpts::default()).unwrap();
+    let bc = net.link(&b, &c, LinkOpts::default()).unwrap();
+    b.enable_forwarding().unwrap();
+    // The same veth settings for both modes (native redirect needs them, see the module doc).
+    for (node, end) in [(&a, ab.a()), (&c, bc.b())] {
+        ethtool(node, end.ifname(), "tx", false);
+        ethtool(node, end.ifname(), "gro", true);
+    }
+    let ep = |ip: std::net::Ipv4Addr| SocketAddr::new(IpAddr::V4(ip), PORT);
+    let cfg_a = config(
+        A,
+        &[(1, ep(ab.b().ipv4()))],
+        &[(&net64(C), 1), (&net64(B), 1)],
+        &[Sess {
+            peer: C,
+            rx_index: 7,
+            tx_index: 9,
+            tx_key: key(0x33),
+            rx_key: key(0x44),
+        }],
+    );
+    let cfg_b = config(
+        B,
+        &[(1, ep(ab.a().ipv4())), (2, ep(bc.b().ipv4()))],
+        &[(&net64(A), 1), (&net64(C), 2)],
+        &[],
+    );
+    let cfg_c = config(
+        C,
+        &[(1, ep(bc.a().ipv4()))],
+        &[(&net64(A), 1)],
+        &[Sess {
+            peer: A,
+            rx_index: 9,
+            tx_index: 7,
+            tx_key: key(0x44),
+            rx_key: key(0x33),
+        }],
+    );
+    let _pa = start(&net, &a, "dp-a", &cfg_a, "off");
+    let _pc = start(&net, &c, "dp-c", &cfg_c, "off");
+    let mut results: Vec<(&str, f64, u64, u64)> = Vec::new();
+    for round in 0..rounds {
+        for mode in ["off", "auto"] {
+            let pb = start(&net, &b, &format!("dp-b-{mode}-{round}"), &cfg_b, mode);
+            let _ = a.ping(IpAddr::V6(C.parse().unwrap()), 3, Duration::from_millis(50));
+            let (bytes, bps) = iperf(&c, &a, C, secs);
+            assert!(bytes > 0, "no traffic with XDP {mode}");
+            let redirect = stats(&b)
+                .and_then(|v| v["counters"]["xdp_redirect"].as_u64())
+                .unwrap_or(0);
+            let user = counter(&b, "forwarded");
+            eprintln!(
+                "round {round} xdp={mode}: {:.3} Gbit/s (b: xdp_redirect {redirect}, user-space forwarded {user})",
+                bps / 1e9
+            );
+            results.push((mode, bps, redirect, user));
+            pb.stop().unwrap();
+        }
+    }
+    let median = |mode: &str| {
+        let mut v: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == mode)
+            .map(|r| r.1)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (off, on) = (median("off"), median("auto"));
+    eprintln!(
+        "median a->c through b: XDP off {:.3} Gbit/s, XDP on {:.3} Gbit/s, ratio on/off {:.2}",
+        off / 1e9,
+        on / 1e9,
+        on / off
+    );
 }
