@@ -20,7 +20,7 @@ use crate::fib::Fib;
 use crate::icmp::ipv6_addrs;
 use crate::pool::PacketBuf;
 use crate::session::{SessionError, SessionSet, TAG_LEN};
-use crate::state::{upper64, upper64_octets, PeerAddr, PeerTable};
+use crate::state::{upper64, PeerAddr, PeerTable};
 
 /// The hop limit a locally originated data packet starts with.
 pub const INITIAL_HOP_LIMIT: u8 = 64;
@@ -245,12 +245,15 @@ fn transit(t: &Tables<'_>, packet: &mut Packet<&mut [u8]>, dst: &Ipv6Addr) -> In
     }
 }
 
-/// The destination /64 of a data frame (for routing a control-plane packet), if it is one.
+/// The destination and kind of a DATA frame the control plane wants sent. A TRANSPORT frame from
+/// the control plane carries plaintext without a tag yet, so only the header is checked.
 pub fn data_dst(bytes: &[u8]) -> Option<(Ipv6Addr, Kind)> {
-    let packet = data::Packet::new_checked(bytes).ok()?;
-    let dst = packet.dst_addr();
-    let _ = upper64_octets(&dst.octets())?;
-    Some((dst, packet.kind().ok()?))
+    let header = bytes.get(..HEADER_LEN)?;
+    if FrameType::of(header).ok()? != FrameType::Data {
+        return None;
+    }
+    let packet = data::Packet::new_unchecked(header);
+    Some((packet.dst_addr(), packet.kind().ok()?))
 }
 
 #[cfg(test)]

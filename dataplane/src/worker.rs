@@ -445,7 +445,10 @@ impl Worker {
             Outbound::Send(peer) => self.send_buf(buf, &peer),
             Outbound::NoRoute(dst) => {
                 self.count(Counter::dropped_no_route);
-                self.event(t.now, Event::NoRoute(dst));
+                // Only overlay destinations are worth a route request (not, say, MLD reports).
+                if is_overlay(&dst) {
+                    self.event(t.now, Event::NoRoute(dst));
+                }
                 self.icmp_to_tun(buf, icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_NO_ROUTE);
             }
             Outbound::NoSession(dst) => self.enqueue(t.now, dst, buf),
@@ -800,6 +803,11 @@ impl Worker {
         self.ring.submit()?;
         Ok(())
     }
+}
+
+/// Whether `addr` is in the overlay's 400::/7.
+fn is_overlay(addr: &Ipv6Addr) -> bool {
+    addr.octets()[0] & 0xfe == 0x04
 }
 
 /// Completes a partial checksum (virtio NEEDS_CSUM): the one's-complement sum from `start` to the

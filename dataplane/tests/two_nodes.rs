@@ -425,3 +425,110 @@ fn three_nodes_in_a_line_with_a_transit_node() {
     assert!(counter(&a, "dropped_no_route") >= 1);
     eprintln!("three-node test took {:?}", t0.elapsed());
 }
+
+/// Not a test: the measurement behind bench/dataplane-results.md. Run it alone, in release:
+/// `cargo test --release -p hypha-dataplane --test two_nodes -- --ignored --nocapture measure`.
+/// It prints iperf3 TCP (1 and 4 streams, median of 3 runs of 5 s) and ping RTT through hypha-dp
+/// next to the same over the bare veth; it asserts nothing about the numbers.
+#[test]
+#[ignore]
+fn measure_throughput_and_rtt() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let net = TestNet::new("dpm").unwrap();
+    let a = net.add_node("a").unwrap();
+    let b = net.add_node("b").unwrap();
+    let ab = net.link(&a, &b, LinkOpts::default()).unwrap();
+    let a_ep = SocketAddr::new(IpAddr::V4(ab.a().ipv4()), PORT);
+    let b_ep = SocketAddr::new(IpAddr::V4(ab.b().ipv4()), PORT);
+    let cfg_a = config(
+        A,
+        &[(1, b_ep)],
+        &[(&net64(B), 1)],
+        &[Sess {
+            peer: B,
+            rx_index: 100,
+            tx_index: 200,
+            tx_key: key(0x11),
+            rx_key: key(0x22),
+        }],
+    );
+    let cfg_b = config(
+        B,
+        &[(1, a_ep)],
+        &[(&net64(A), 1)],
+        &[Sess {
+            peer: A,
+            rx_index: 200,
+            tx_index: 100,
+            tx_key: key(0x22),
+            rx_key: key(0x11),
+        }],
+    );
+    let workers = std::env::var("HYPHA_DP_WORKERS").unwrap_or_else(|_| "2".into());
+    let start_w = |node: &Node, name: &str, cfg: &str| {
+        let path: PathBuf = net.log_dir().join(format!("{name}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypha-dp"));
+        cmd.args([
+            "--static-config",
+            path.to_str().unwrap(),
+            "--workers",
+            &workers,
+            "--stats-listen",
+            STATS,
+        ]);
+        let p = node.spawn(name, cmd).unwrap();
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            stats(node).is_some()
+        })
+        .unwrap();
+        p
+    };
+    let _pa = start_w(&a, "dp-a", &cfg_a);
+    let _pb = start_w(&b, "dp-b", &cfg_b);
+    let bare = ab.b().ipv4().to_string();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
+    let mut rows = Vec::new();
+    for streams in [1u32, 4] {
+        let veth = median(
+            (0..3)
+                .map(|_| iperf(&net, &b, &a, &bare, 5, streams).1)
+                .collect(),
+        );
+        let hyp = median(
+            (0..3)
+                .map(|_| iperf(&net, &b, &a, B, 5, streams).1)
+                .collect(),
+        );
+        rows.push(format!(
+            "iperf3 TCP {streams} stream(s): veth {:.2} Gbit/s, hypha-dp {:.2} Gbit/s, ratio {:.3}",
+            veth / 1e9,
+            hyp / 1e9,
+            hyp / veth
+        ));
+    }
+    let pv = a
+        .ping(IpAddr::V4(ab.b().ipv4()), 50, Duration::from_millis(20))
+        .unwrap();
+    let ph = ping(&a, B, 50);
+    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    rows.push(format!(
+        "ping RTT avg (50 x 20 ms): veth {:.3} ms, hypha-dp {:.3} ms, ratio {:.2} (min {:.3} / {:.3})",
+        ms(pv.rtt_avg),
+        ms(ph.rtt_avg),
+        ms(ph.rtt_avg) / ms(pv.rtt_avg),
+        ms(pv.rtt_min),
+        ms(ph.rtt_min)
+    ));
+    for r in rows {
+        eprintln!("MEASURE {r}");
+    }
+    eprintln!("MEASURE counters a: {}", stats(&a).unwrap()["counters"]);
+    eprintln!("MEASURE counters b: {}", stats(&b).unwrap()["counters"]);
+}
