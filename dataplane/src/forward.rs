@@ -90,6 +90,47 @@ pub fn outbound(t: &Tables<'_>, buf: &mut PacketBuf) -> Outbound {
     }
 }
 
+/// The next hop and session for a locally originated packet to `dst`, or what to do instead.
+pub fn route<'t>(
+    t: &'t Tables<'_>,
+    dst: &Ipv6Addr,
+) -> Result<(PeerAddr, &'t std::sync::Arc<crate::session::Session>), Outbound> {
+    let dst_prefix = upper64(dst);
+    if dst_prefix == t.prefix {
+        return Err(Outbound::Drop(Counter::dropped_malformed));
+    }
+    let Some(hop) = t.fib.lookup(dst) else {
+        return Err(Outbound::NoRoute(*dst));
+    };
+    let Some(session) = t.sessions.for_dest(dst_prefix) else {
+        return Err(Outbound::NoSession(*dst));
+    };
+    let Some(peer) = t.peers.get(hop.peer) else {
+        return Err(Outbound::Drop(Counter::dropped_no_peer));
+    };
+    Ok((*peer, session))
+}
+
+/// Seals one datagram laid out in `dgram`: the header `repr` is written into the first 48 bytes,
+/// `dgram[48..48 + plain_len]` (inner type byte first) is encrypted in place and the tag written
+/// behind it. Returns the datagram length.
+pub fn seal_slice(
+    session: &crate::session::Session,
+    repr: &Repr,
+    dgram: &mut [u8],
+    plain_len: usize,
+) -> Option<usize> {
+    let (hdr, rest) = dgram.split_at_mut_checked(HEADER_LEN)?;
+    let mut packet = Packet::new_unchecked(&mut *hdr);
+    repr.emit(&mut packet);
+    let mut aad = [0u8; HEADER_LEN];
+    packet.aad(&mut aad);
+    session
+        .seal_in_place_append(repr.counter, &aad, rest, plain_len)
+        .ok()
+        .map(|n| HEADER_LEN + n)
+}
+
 /// Prepends the inner type byte (IPv6) and the data header `repr`, and seals the payload in place
 /// with the tag in the tailroom. On error the buffer may have been changed (drop it).
 pub fn seal(

@@ -17,6 +17,7 @@ pub mod control;
 pub mod counters;
 pub mod fib;
 pub mod forward;
+pub mod gso;
 pub mod icmp;
 pub mod pool;
 pub mod replay;

@@ -28,13 +28,18 @@ use hypha_proto::time::Instant;
 use io_uring::types::RecvMsgOut;
 
 use crate::counters::{Counter, WorkerCounters};
-use crate::forward::{inbound, outbound, Inbound, Outbound, Tables};
+use crate::forward::{
+    inbound, outbound, route, seal_slice, Inbound, Outbound, Tables, INITIAL_HOP_LIMIT,
+};
+use crate::gso;
 use crate::icmp;
 use crate::pool::{BufLayout, PacketBuf, PacketPool, HEADROOM, TAILROOM};
 use crate::ring::{self, BufRing, Completion, Op, Ring};
+use crate::session::TAG_LEN;
 use crate::state::{upper64, PeerAddr, Shared};
 use crate::tun::VNET_HDR_LEN;
 use crate::udp::{from_sockaddr, gro_segment_size};
+use hypha_proto::wire::data::{Kind, PayloadType, Repr, HEADER_LEN};
 
 /// Longest wait for completions before the loop looks at the stop flag and the queue again.
 pub const WAIT: Duration = Duration::from_millis(100);
@@ -44,8 +49,11 @@ const RING_ENTRIES: u32 = 1024;
 const PROVIDED: u16 = 128;
 /// Reads kept in flight on the TUN queue.
 const TUN_READS: usize = 64;
-/// Send/write slots (each holds a `msghdr` for one in-flight send or write).
-const SLOTS: usize = 512;
+/// Send/write slots (each holds a `msghdr` for one in-flight send or write). One GRO receive
+/// can turn into ~45 TUN writes, so there are many more slots than send buffers.
+const SLOTS: usize = 2048;
+/// Pool buffers for sends in flight (sealed TUN packets, GSO batches).
+const SEND_BUFFERS: usize = 512;
 /// Packets queued per destination while its session is set up.
 const QUEUE_PER_DEST: usize = 32;
 /// Packets queued in total (per worker).
@@ -72,8 +80,8 @@ const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 /// virtio_net_hdr flag: the checksums are known good (we authenticated the packet).
 const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 
-/// Buffers per worker: enough for every provided buffer, TUN read, slot and queued packet.
-pub const POOL_BUFFERS: usize = PROVIDED as usize + TUN_READS + SLOTS + QUEUE_TOTAL;
+/// Buffers per worker: every provided buffer, TUN read and queued packet, and the send buffers.
+pub const POOL_BUFFERS: usize = PROVIDED as usize + TUN_READS + SEND_BUFFERS + QUEUE_TOTAL;
 
 /// What a worker needs to start.
 #[derive(Debug)]
@@ -86,6 +94,8 @@ pub struct WorkerSetup {
     pub tun: Option<File>,
     /// The shared tables.
     pub shared: Arc<Shared>,
+    /// Whether the UDP socket takes `UDP_SEGMENT` (GSO) sends.
+    pub udp_gso: bool,
 }
 
 /// Why a worker stopped with an error.
@@ -106,8 +116,15 @@ struct Slot {
     msg: libc::msghdr,
     iov: libc::iovec,
     addr: libc::sockaddr_in6,
+    /// A `UDP_SEGMENT` control message (CMSG_SPACE(2) = 24 bytes, 8-aligned).
+    control: [u64; 3],
     buf: u32,
 }
+
+/// Datagrams per GSO send at most (the kernel's UDP_MAX_SEGMENTS is at least 64).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes per GSO send at most (one UDP datagram's worth, less headers).
+const GSO_MAX_BYTES: usize = 65_000;
 
 struct Pending {
     prefix: u64,
@@ -154,6 +171,7 @@ struct Worker {
     queued: usize,
     events: EventLimiter,
     completions: Vec<Completion>,
+    udp_gso: bool,
 }
 
 /// Runs a worker until `shared.stop` is set. Blocks the calling thread.
@@ -163,6 +181,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
         udp,
         tun,
         shared,
+        udp_gso,
     } = setup;
     let ring = Ring::new(RING_ENTRIES)?;
     let buf_ring = BufRing::new(&ring, PROVIDED, BUFFER_GROUP)?;
@@ -182,6 +201,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
                 0,
                 0,
             ))),
+            control: [0; 3],
             buf: 0,
         })
         .collect::<Vec<_>>()
@@ -213,6 +233,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
         },
         completions: Vec::with_capacity(4 * RING_ENTRIES as usize),
         shared,
+        udp_gso,
     };
     tracing::debug!(worker = index, "worker running");
     let result = w.run_loop();
@@ -422,10 +443,24 @@ impl Worker {
         let (flags, gso_type) = (vnet[0], vnet[1]);
         let csum_start = usize::from(u16::from_le_bytes([vnet[6], vnet[7]]));
         let csum_offset = usize::from(u16::from_le_bytes([vnet[8], vnet[9]]));
-        if gso_type != 0 || buf.pull_header(VNET_HDR_LEN).is_err() {
-            // Segmentation offload is not negotiated, so a super-packet is a kernel surprise.
+        let gso_size = usize::from(u16::from_le_bytes([vnet[4], vnet[5]]));
+        if buf.pull_header(VNET_HDR_LEN).is_err() {
             self.count(Counter::dropped_malformed);
             return self.free(buf);
+        }
+        match gso_type & !gso::GSO_ECN {
+            gso::GSO_NONE => {}
+            gso::GSO_TCPV6 => {
+                let counters = self.counters();
+                counters.inc(Counter::tun_rx_packets);
+                counters.add(Counter::tun_rx_bytes, buf.len() as u64);
+                return self.segment_and_send(t, buf, csum_start, gso_size);
+            }
+            _ => {
+                // Only TSO6 is negotiated; anything else is a kernel surprise.
+                self.count(Counter::dropped_malformed);
+                return self.free(buf);
+            }
         }
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
             && complete_checksum(buf.data_mut(), csum_start, csum_offset).is_none()
@@ -437,6 +472,110 @@ impl Worker {
         counters.inc(Counter::tun_rx_packets);
         counters.add(Counter::tun_rx_bytes, buf.len() as u64);
         self.route_local(t, buf);
+    }
+
+    /// Cuts a TCP super-packet from the TUN into MSS-sized segments, each sealed in its own
+    /// datagram slot of a send buffer, and sends the slots with UDP GSO (see [`gso`]).
+    fn segment_and_send(
+        &mut self,
+        t: &Tables<'_>,
+        buf: PacketBuf,
+        csum_start: usize,
+        gso_size: usize,
+    ) {
+        let Some(sup) = gso::TcpSuper::parse(buf.data(), csum_start, gso_size) else {
+            self.count(Counter::dropped_malformed);
+            return self.free(buf);
+        };
+        let dst = sup.dst();
+        let (peer, session) = match route(t, &dst) {
+            Ok(r) => r,
+            Err(Outbound::NoRoute(dst)) => {
+                self.count(Counter::dropped_no_route);
+                if is_overlay(&dst) {
+                    self.event(t.now, Event::NoRoute(dst));
+                }
+                return self.icmp_to_tun(buf, icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_NO_ROUTE);
+            }
+            Err(Outbound::NoSession(dst)) => {
+                // A super-packet is not queued (it would need segmenting later); TCP resends.
+                self.count(Counter::dropped_no_session);
+                self.event(t.now, Event::NoSession(dst));
+                return self.free(buf);
+            }
+            Err(Outbound::Drop(c)) => {
+                self.count(c);
+                return self.free(buf);
+            }
+            Err(Outbound::Send(_)) => {
+                // `route` never answers Send; treat it as malformed if it ever did.
+                self.count(Counter::dropped_malformed);
+                return self.free(buf);
+            }
+        };
+        let n = sup.segments();
+        let Ok(counters) = session.reserve_counters(t.now, n as u64) else {
+            self.count(Counter::dropped_expired);
+            return self.free(buf);
+        };
+        let src = crate::icmp::ipv6_addrs(buf.data()).map_or(self.shared.addr, |(s, _)| s);
+        let stride = HEADER_LEN + 1 + sup.max_segment_len() + TAG_LEN;
+        let per_send = if self.udp_gso {
+            (GSO_MAX_BYTES / stride).clamp(1, GSO_MAX_SEGMENTS)
+        } else {
+            1
+        };
+        let mut i = 0;
+        while i < n {
+            let Some(mut out) = self.pool.alloc() else {
+                self.counters()
+                    .add(Counter::dropped_backpressure, (n - i) as u64);
+                break;
+            };
+            out.reset(0);
+            let end = (i + per_send).min(n);
+            let mut total = 0;
+            let mut sealed = 0;
+            {
+                let area = out.read_target();
+                for k in i..end {
+                    let Some(d) = area.get_mut(total..) else {
+                        break;
+                    };
+                    let Some(seg_len) = d
+                        .get_mut(HEADER_LEN + 1..)
+                        .and_then(|body| sup.write_segment(k, body))
+                    else {
+                        break;
+                    };
+                    if let Some(b) = d.get_mut(HEADER_LEN) {
+                        *b = PayloadType::Ipv6 as u8;
+                    }
+                    let repr = Repr {
+                        hop_limit: INITIAL_HOP_LIMIT,
+                        kind: Kind::Transport,
+                        receiver_index: session.remote_index(),
+                        counter: counters.start + k as u64,
+                        src,
+                        dst,
+                    };
+                    let Some(len) = seal_slice(session, &repr, d, 1 + seg_len) else {
+                        break;
+                    };
+                    total += len;
+                    sealed += 1;
+                }
+            }
+            if sealed < end - i || out.set_len(total).is_err() {
+                self.count(Counter::dropped_malformed);
+                self.free(out);
+                break;
+            }
+            let gso = if sealed > 1 { stride as u16 } else { 0 };
+            self.send_buf_gso(out, &peer, gso);
+            i = end;
+        }
+        self.free(buf);
     }
 
     /// Routes a locally originated IPv6 packet (from the TUN, or dequeued).
@@ -666,8 +805,14 @@ impl Worker {
     }
 
     fn send_buf(&mut self, buf: PacketBuf, peer: &PeerAddr) {
+        self.send_buf_gso(buf, peer, 0);
+    }
+
+    /// Sends `buf` to `peer`; with `gso` > 0 as datagrams of `gso` bytes (the last may be
+    /// shorter) in one `UDP_SEGMENT` send.
+    fn send_buf_gso(&mut self, buf: PacketBuf, peer: &PeerAddr, gso: u16) {
         let (ptr, len, index) = (buf.data().as_ptr(), buf.len(), buf.index());
-        if !self.submit_slot(Op::UdpSend, self.udp, index, ptr, len, Some(peer)) {
+        if !self.submit_slot_gso(Op::UdpSend, self.udp, index, ptr, len, Some(peer), gso) {
             self.count(Counter::dropped_backpressure);
         }
         self.park(buf);
@@ -696,6 +841,21 @@ impl Worker {
         len: usize,
         peer: Option<&PeerAddr>,
     ) -> bool {
+        self.submit_slot_gso(op, fd, index, ptr, len, peer, 0)
+    }
+
+    /// [`Worker::submit_slot`] with a GSO segment size for sends (0: one datagram).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_slot_gso(
+        &mut self,
+        op: Op,
+        fd: RawFd,
+        index: u32,
+        ptr: *const u8,
+        len: usize,
+        peer: Option<&PeerAddr>,
+        gso: u16,
+    ) -> bool {
         let Some(s) = self.free_slots.pop() else {
             return false;
         };
@@ -714,8 +874,14 @@ impl Worker {
                 slot.msg.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
                 slot.msg.msg_iov = &mut slot.iov;
                 slot.msg.msg_iovlen = 1;
-                slot.msg.msg_control = core::ptr::null_mut();
-                slot.msg.msg_controllen = 0;
+                if gso > 0 {
+                    write_segment_cmsg(&mut slot.control, gso);
+                    slot.msg.msg_control = slot.control.as_mut_ptr().cast();
+                    slot.msg.msg_controllen = size_of::<[u64; 3]>();
+                } else {
+                    slot.msg.msg_control = core::ptr::null_mut();
+                    slot.msg.msg_controllen = 0;
+                }
                 let msg: *const libc::msghdr = &slot.msg;
                 // SAFETY: the slot (msghdr, iovec, address) sits in `self.slots`, a boxed slice
                 // that never moves, and is not reused before its completion (`slot_done`); the
@@ -802,6 +968,22 @@ impl Worker {
         }
         self.ring.submit()?;
         Ok(())
+    }
+}
+
+/// Writes a `UDP_SEGMENT` control message with segment size `gso` into `control`.
+fn write_segment_cmsg(control: &mut [u64; 3], gso: u16) {
+    let hdr = size_of::<libc::cmsghdr>();
+    let mut bytes = [0u8; 24];
+    let cmsg_len = hdr + size_of::<u16>();
+    bytes[..size_of::<usize>()].copy_from_slice(&cmsg_len.to_ne_bytes());
+    bytes[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+    bytes[12..16].copy_from_slice(&crate::udp::UDP_SEGMENT.to_ne_bytes());
+    bytes[hdr..hdr + 2].copy_from_slice(&gso.to_ne_bytes());
+    for (w, c) in control.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(c);
+        *w = u64::from_ne_bytes(a);
     }
 }
 
