@@ -172,6 +172,8 @@ struct Worker {
     events: EventLimiter,
     completions: Vec<Completion>,
     udp_gso: bool,
+    /// Decrypted packets of the buffer being handled, waiting to be written to the TUN.
+    to_tun: Vec<(usize, usize)>,
 }
 
 /// Runs a worker until `shared.stop` is set. Blocks the calling thread.
@@ -234,6 +236,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
         completions: Vec::with_capacity(4 * RING_ENTRIES as usize),
         shared,
         udp_gso,
+        to_tun: Vec::with_capacity(GSO_MAX_SEGMENTS * 2),
     };
     tracing::debug!(worker = index, "worker running");
     let result = w.run_loop();
@@ -691,6 +694,7 @@ impl Worker {
     /// A buffer from the multishot receive: `len` bytes of `recvmsg` output (header, source
     /// address, control messages, datagram or GRO-coalesced datagrams).
     fn handle_udp_buffer(&mut self, t: &Tables<'_>, mut buf: PacketBuf, len: usize) {
+        self.to_tun.clear();
         let index = buf.index();
         buf.reset(0);
         if buf.set_len(len).is_err() {
@@ -728,31 +732,11 @@ impl Worker {
             };
             match inbound(t, seg) {
                 Inbound::ToTun { start, len } => {
-                    let vstart = start - VNET_HDR_LEN;
-                    let Some(v) = seg.get_mut(vstart..start) else {
-                        self.count(Counter::dropped_malformed);
-                        off += seg_len;
-                        continue;
-                    };
-                    v.fill(0);
-                    v[0] = VIRTIO_NET_HDR_F_DATA_VALID;
-                    let ptr = seg[vstart..].as_ptr();
-                    match self.tun {
-                        Some(fd) => {
-                            if self.submit_slot(
-                                Op::TunWrite,
-                                fd,
-                                index,
-                                ptr,
-                                len + VNET_HDR_LEN,
-                                None,
-                            ) {
-                                self.count(Counter::delivered);
-                            } else {
-                                self.count(Counter::dropped_backpressure);
-                            }
-                        }
-                        None => self.count(Counter::dropped_no_route),
+                    if self.tun.is_some() {
+                        self.count(Counter::delivered);
+                        self.to_tun.push((off + start, len));
+                    } else {
+                        self.count(Counter::dropped_no_route);
                     }
                 }
                 Inbound::PuntDecrypted { len } => {
@@ -789,7 +773,71 @@ impl Worker {
             }
             off += seg_len;
         }
+        if !self.to_tun.is_empty() {
+            self.write_to_tun(&mut buf);
+        }
         self.park(buf);
+    }
+
+    /// Writes the decrypted packets listed in `to_tun` (offsets into `buf`): runs of one TCP
+    /// flow are merged into one super-packet in a fresh buffer (see [`gso::TcpRun`]); the rest
+    /// are written in place, each behind a virtio header in the bytes its data header used.
+    fn write_to_tun(&mut self, buf: &mut PacketBuf) {
+        let Some(fd) = self.tun else {
+            self.to_tun.clear();
+            return;
+        };
+        let list = std::mem::take(&mut self.to_tun);
+        let index = buf.index();
+        let mut i = 0;
+        while i < list.len() {
+            let data = buf.data();
+            let pkt = |k: usize| -> &[u8] {
+                list.get(k)
+                    .and_then(|(s, l)| data.get(*s..*s + *l))
+                    .unwrap_or(&[])
+            };
+            let first = pkt(i);
+            let mut j = i + 1;
+            let mut run = gso::TcpRun::start(first);
+            if let Some(r) = &mut run {
+                while j < list.len() && r.try_push(first, pkt(j)) {
+                    j += 1;
+                }
+            }
+            if let Some(r) = run.filter(|r| r.count() >= 2) {
+                if let Some(mut out) = self.pool.alloc() {
+                    out.reset(0);
+                    let n = r.write((i..j).map(pkt), out.read_target());
+                    if let Some(n) = n.filter(|n| out.set_len(*n).is_ok()) {
+                        let _ = n;
+                        self.counters().add(Counter::coalesced, r.count() as u64);
+                        self.write_buf(out);
+                        i = j;
+                        continue;
+                    }
+                    self.free(out);
+                }
+            }
+            for k in i..j {
+                let Some(&(start, len)) = list.get(k) else {
+                    break;
+                };
+                let vstart = start - VNET_HDR_LEN;
+                let Some(v) = buf.data_mut().get_mut(vstart..start) else {
+                    continue;
+                };
+                v.fill(0);
+                v[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+                let ptr = buf.data()[vstart..].as_ptr();
+                if !self.submit_slot(Op::TunWrite, fd, index, ptr, len + VNET_HDR_LEN, None) {
+                    self.count(Counter::dropped_backpressure);
+                }
+            }
+            i = j;
+        }
+        self.to_tun = list;
+        self.to_tun.clear();
     }
 
     /// After a handler submitted operations on `buf`: keep it until they complete, or free it.
