@@ -4,7 +4,8 @@
 //!
 //! The modules here are the dataplane's pure parts, usable without any I/O: the FIB ([`fib`]), the
 //! replay window ([`replay`]), the E2E session crypto and session table ([`session`]) and the packet
-//! buffer pool ([`pool`]), and the TUN device ([`tun`], the one module with `unsafe`: its ioctls).
+//! buffer pool ([`pool`]), the TUN device ([`tun`], the one module with `unsafe`: its ioctls) and the segmentation of its
+//! offloaded super-packets ([`vnet`]).
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
@@ -13,3 +14,4 @@ pub mod pool;
 pub mod replay;
 pub mod session;
 pub mod tun;
+pub mod vnet;

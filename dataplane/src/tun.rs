@@ -25,7 +25,7 @@ use std::process::Command;
 
 /// Length of the `virtio_net_hdr` in front of every packet with `IFF_VNET_HDR` (the kernel's
 /// default; `TUNSETVNETHDRSZ` is not changed).
-pub const VNET_HDR_LEN: usize = 10;
+pub const VNET_HDR_LEN: usize = crate::vnet::LEN;
 
 /// Longest interface name, without the NUL (`IFNAMSIZ - 1`).
 pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
