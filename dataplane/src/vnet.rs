@@ -176,6 +176,63 @@ pub fn complete_checksum(hdr: &VnetHdr, packet: &mut [u8]) -> Result<(), VnetErr
     Ok(())
 }
 
+const NEXT_ICMPV6: u8 = 58;
+
+/// Offset of the checksum field in the transport header for TCP, UDP and ICMPv6.
+fn checksum_offset(next_header: u8) -> Option<usize> {
+    match next_header {
+        NEXT_TCP => Some(16),
+        NEXT_UDP => Some(6),
+        NEXT_ICMPV6 => Some(2),
+        _ => None,
+    }
+}
+
+/// The IPv6 header and upper-layer bytes of a packet without extension headers, if consistent.
+fn split_ipv6(packet: &[u8]) -> Result<(u8, usize), VnetError> {
+    let ip = packet.get(..IPV6_HDR).ok_or(VnetError::Truncated)?;
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    if ip[0] >> 4 != 6 || IPV6_HDR + payload_len != packet.len() {
+        return Err(VnetError::BadIpv6);
+    }
+    Ok((ip[6], payload_len))
+}
+
+/// Computes and writes the full transport checksum of a TCP, UDP or ICMPv6 packet over IPv6 (no
+/// extension headers), e.g. for ICMPv6 errors the dataplane generates.
+pub fn fill_checksum(packet: &mut [u8]) -> Result<(), VnetError> {
+    let (next, upper_len) = split_ipv6(packet)?;
+    let off = checksum_offset(next).ok_or(VnetError::UnsupportedGso(next))?;
+    let field = IPV6_HDR + off;
+    packet
+        .get_mut(field..field + 2)
+        .ok_or(VnetError::Truncated)?
+        .copy_from_slice(&[0, 0]);
+    let sum = pseudo_sum(packet, next, upper_len);
+    let sum = sum_bytes(sum, packet.get(IPV6_HDR..).unwrap_or(&[]));
+    let mut csum = !fold(sum);
+    if csum == 0 && next == NEXT_UDP {
+        csum = 0xffff;
+    }
+    packet
+        .get_mut(field..field + 2)
+        .ok_or(VnetError::Truncated)?
+        .copy_from_slice(&csum.to_be_bytes());
+    Ok(())
+}
+
+/// Whether the transport checksum of a TCP, UDP or ICMPv6 packet over IPv6 (no extension
+/// headers) verifies.
+pub fn verify_checksum(packet: &[u8]) -> bool {
+    match split_ipv6(packet) {
+        Ok((next, upper_len)) if checksum_offset(next).is_some() => {
+            let sum = pseudo_sum(packet, next, upper_len);
+            fold(sum_bytes(sum, packet.get(IPV6_HDR..).unwrap_or(&[]))) == 0xffff
+        }
+        _ => false,
+    }
+}
+
 /// Cuts a TCP/IPv6 or UDP/IPv6 super-packet into MTU-sized packets, one at a time.
 #[derive(Debug)]
 pub struct Segments<'a> {
@@ -362,11 +419,8 @@ mod tests {
         p
     }
 
-    /// Whether an IPv6 packet's transport checksum verifies.
     fn checksum_ok(p: &[u8]) -> bool {
-        let upper = &p[IPV6_HDR..];
-        let sum = sum_bytes(pseudo_sum(p, p[6], upper.len()), upper);
-        fold(sum) == 0xffff
+        verify_checksum(p)
     }
 
     fn hdr(gso_type: u8, gso_size: u16, hdr_len: usize) -> VnetHdr {
@@ -476,6 +530,30 @@ mod tests {
             complete_checksum(&bad, &mut p),
             Err(VnetError::BadCsumOffset)
         );
+    }
+
+    #[test]
+    fn fill_and_verify_icmpv6_udp_tcp() {
+        let mut tcp = tcp_super(b"abc", 9, 0x18, 4);
+        let mut udp = udp_super(b"defg");
+        let mut icmp = udp_super(&[0u8; 12]);
+        icmp[6] = NEXT_ICMPV6;
+        icmp[40] = 128;
+        for p in [&mut tcp, &mut udp, &mut icmp] {
+            p[45] ^= 0x55; // break whatever checksum was there
+            fill_checksum(p).unwrap();
+            assert!(verify_checksum(p));
+            p[50] ^= 1;
+            assert!(!verify_checksum(p));
+        }
+        let mut other = udp_super(b"x");
+        other[6] = 59; // no next header
+        assert_eq!(
+            fill_checksum(&mut other),
+            Err(VnetError::UnsupportedGso(59))
+        );
+        assert!(!verify_checksum(&other));
+        assert!(!verify_checksum(&other[..20]));
     }
 
     #[test]
