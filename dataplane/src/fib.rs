@@ -39,7 +39,9 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
 
-/// A neighbour (peer) of this node, as numbered by the control plane in the shm ABI.
+/// A neighbour of this node as the dataplane numbers it: a dense slot index into the workers'
+/// peer table (underlay address, socket), assigned when the control plane announces the peer over
+/// shm. The shm ABI's own, opaque peer id is mapped to it there, which keeps FIB entries at 16 bytes.
 pub type PeerId = u32;
 
 /// Where a packet goes: the neighbour to send it to, and the route's metric (informational: the
@@ -48,8 +50,8 @@ pub type PeerId = u32;
 pub struct NextHop {
     /// The neighbour that forwards the packet.
     pub peer: PeerId,
-    /// The selected route's metric (RFC 8966 §3.5.2 units).
-    pub metric: u16,
+    /// The selected route's metric (RFC 8966 §3.5.2 units; u32 as in the shm route record).
+    pub metric: u32,
 }
 
 /// An IPv6 prefix with its host bits cleared.

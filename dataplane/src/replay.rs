@@ -74,6 +74,27 @@ impl ReplayWindow {
         }
     }
 
+    /// A window that treats every counter below `base` as already received: for a receive key
+    /// re-installed after a dataplane restart, whose lower counters may have been delivered before.
+    pub fn starting_at(base: u64) -> Self {
+        let mut w = ReplayWindow::new();
+        if base == 0 {
+            return w;
+        }
+        // Counters 0..base are n = 1..=base in the shifted space: mark them, and nothing above.
+        w.last = base;
+        let (top_block, top_bit) = Self::slot(base);
+        for (i, block) in w.ring.iter_mut().enumerate() {
+            *block = if i == top_block {
+                // Bits 0..=top_bit of the current block (bit 0 of block 0 is n = 0, never used).
+                top_bit | (top_bit - 1)
+            } else {
+                u64::MAX
+            };
+        }
+        w
+    }
+
     /// The highest accepted counter, if any.
     pub fn highest(&self) -> Option<u64> {
         self.last.checked_sub(1)
@@ -148,6 +169,13 @@ mod tests {
     }
 
     impl Model {
+        fn with_base(base: u64) -> Model {
+            Model {
+                seen: (0..base).collect(),
+                max: base.checked_sub(1),
+            }
+        }
+
         fn accept(&mut self, c: u64) -> Result<(), ReplayError> {
             if c >= REJECT_AFTER_MESSAGES {
                 return Err(ReplayError::Exhausted);
@@ -212,6 +240,23 @@ mod tests {
     }
 
     #[test]
+    fn starting_at_a_base_rejects_everything_below_it() {
+        for base in [1u64, 63, 64, 65, 4095, 4096, 1_000_000] {
+            let mut w = ReplayWindow::starting_at(base);
+            assert_eq!(w.highest(), Some(base - 1));
+            assert!(w.check(base - 1).is_err());
+            assert!(w.check(base.saturating_sub(WINDOW_SIZE)).is_err());
+            assert_eq!(w.check(base), Ok(()));
+            // Reordering just above the base still works.
+            assert_eq!(w.accept(base + 5), Ok(()));
+            assert_eq!(w.accept(base + 1), Ok(()));
+            assert_eq!(w.accept(base), Ok(()));
+            assert_eq!(w.accept(base + 1), Err(ReplayError::Duplicate));
+            assert!(w.accept(base - 1).is_err());
+        }
+    }
+
+    #[test]
     fn limits() {
         let mut w = ReplayWindow::new();
         assert_eq!(w.accept(REJECT_AFTER_MESSAGES), Err(ReplayError::Exhausted));
@@ -238,9 +283,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn matches_reference_set(counters in arb_counters(), forged in arb_counters()) {
-            let mut w = ReplayWindow::new();
-            let mut m = Model::default();
+        fn matches_reference_set(
+            counters in arb_counters(),
+            forged in arb_counters(),
+            base in prop_oneof![Just(0u64), 0u64..5000],
+        ) {
+            let mut w = ReplayWindow::starting_at(base);
+            let mut m = Model::with_base(base);
             for (i, c) in counters.iter().enumerate() {
                 // Interleave forged counters that are only checked, never accepted.
                 if let Some(f) = forged.get(i) {
