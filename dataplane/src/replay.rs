@@ -155,6 +155,51 @@ impl ReplayWindow {
     }
 }
 
+/// A [`ReplayWindow`] shared by every worker that may receive a session's packets.
+///
+/// Synchronisation: a `std::sync::Mutex`, held only inside [`SharedReplayWindow::check`] and
+/// [`SharedReplayWindow::accept`] (a few bit operations; never across the decryption). SO_REUSEPORT
+/// spreads one session's packets over workers by underlay 4-tuple, so the same session can be
+/// received on two workers at once, and both must see one window for replay protection to hold.
+/// The lock is uncontended in the common case (one CAS to take, one to release).
+#[derive(Debug, Default)]
+pub struct SharedReplayWindow {
+    inner: std::sync::Mutex<ReplayWindow>,
+}
+
+impl SharedReplayWindow {
+    /// Shares `window`.
+    pub fn new(window: ReplayWindow) -> Self {
+        SharedReplayWindow {
+            inner: std::sync::Mutex::new(window),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayWindow> {
+        // check and accept can't panic, so a poisoned lock still guards a consistent window.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`ReplayWindow::check`] under the lock.
+    #[inline]
+    pub fn check(&self, counter: u64) -> Result<(), ReplayError> {
+        self.lock().check(counter)
+    }
+
+    /// [`ReplayWindow::accept`] under the lock.
+    #[inline]
+    pub fn accept(&self, counter: u64) -> Result<(), ReplayError> {
+        self.lock().accept(counter)
+    }
+
+    /// The highest accepted counter, if any.
+    pub fn highest(&self) -> Option<u64> {
+        self.lock().highest()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +299,22 @@ mod tests {
             assert_eq!(w.accept(base + 1), Err(ReplayError::Duplicate));
             assert!(w.accept(base - 1).is_err());
         }
+    }
+
+    #[test]
+    fn shared_window_accepts_each_counter_once_across_threads() {
+        let w = std::sync::Arc::new(SharedReplayWindow::default());
+        let accepted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let w = w.clone();
+                    s.spawn(move || (0..2000u64).filter(|c| w.accept(*c).is_ok()).count())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(accepted, 2000);
+        assert_eq!(w.highest(), Some(1999));
     }
 
     #[test]

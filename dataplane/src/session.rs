@@ -19,7 +19,7 @@
 //!
 //! Sharing across workers: a [`Session`] is read by every worker through `Arc`. The send counter is
 //! an `AtomicU64` (workers reserve counters with a CAS, so a nonce is never used twice and never
-//! wraps); the replay window sits behind a `Mutex` that is held for a few nanoseconds around
+//! wraps); the replay window is a [`SharedReplayWindow`], locked for a few nanoseconds around
 //! `check` and `accept`, never across the decryption itself. The [`SessionTable`] is an immutable
 //! snapshot published with `arc-swap`, like the FIB.
 
@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -35,7 +35,7 @@ use hypha_proto::time::Instant;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use crate::fib::FibHasherBuilder;
-use crate::replay::{ReplayError, ReplayWindow};
+use crate::replay::{ReplayError, ReplayWindow, SharedReplayWindow};
 
 pub use crate::replay::REJECT_AFTER_MESSAGES;
 
@@ -339,7 +339,7 @@ pub struct Session {
     /// The next counter to send.
     send_counter: AtomicU64,
     opening: OpeningKey,
-    replay: Mutex<ReplayWindow>,
+    replay: SharedReplayWindow,
     /// Packets accepted (authenticated and not replayed).
     received: AtomicU64,
 }
@@ -356,7 +356,7 @@ impl Session {
             sealing: SealingKey::new(params.cipher, &params.send_key)?,
             send_counter: AtomicU64::new(params.send_counter),
             opening: OpeningKey::new(params.cipher, &params.recv_key)?,
-            replay: Mutex::new(ReplayWindow::starting_at(params.replay_base)),
+            replay: SharedReplayWindow::new(ReplayWindow::starting_at(params.replay_base)),
             received: AtomicU64::new(0),
         })
     }
@@ -466,17 +466,11 @@ impl Session {
         if self.is_expired(now) {
             return Err(SessionError::Expired);
         }
-        self.replay().check(counter)?;
+        self.replay.check(counter)?;
         let plain = self.opening.open_in_place(counter, aad, in_out)?;
-        self.replay().accept(counter)?;
+        self.replay.accept(counter)?;
         self.received.fetch_add(1, Ordering::Relaxed);
         Ok(plain)
-    }
-
-    fn replay(&self) -> std::sync::MutexGuard<'_, ReplayWindow> {
-        // A panic while holding the lock can't leave the window inconsistent (check and accept
-        // don't panic), so a poisoned lock is still usable.
-        self.replay.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
