@@ -424,7 +424,7 @@ fn remove_from<K: std::hash::Hash + Eq>(tables: &mut Vec<(u8, Table<K>)>, len: u
 
 /// The readers' side of the published FIB: cheap to clone, one per worker.
 ///
-/// Synchronisation: an `ArcSwap` pointer. [`FibHandle::load`] is wait-free for readers (arc-swap's
+/// Synchronisation: an `ArcSwap` pointer. [`FibHandle::load`] is lock-free for readers (arc-swap's
 /// debt slots); the only writer is the [`FibUpdater`]. Hold the guard for one batch, not longer: a
 /// held guard keeps an old snapshot alive and forces the updater onto its copying path.
 #[derive(Debug, Clone)]
