@@ -665,7 +665,7 @@ impl LinkLayer {
             .ok_or(LinkError::UnknownLink(link))?;
         seal_frame(&mut self.tx, &mut self.counters, l, now, channel, payload)?;
         let wants = l.rekey.is_none()
-            && l.current.wants_rekey(now, REKEY_AFTER_TIME)
+            && l.current.wants_rekey_by_count()
             && now >= l.rekey_not_before;
         if wants {
             let remote = l.remote;

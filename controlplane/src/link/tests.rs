@@ -902,3 +902,27 @@ fn deterministic_given_seed() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn rekey_by_message_count() {
+    let mut w = pair();
+    let la = w.only_link(0).id;
+    let first = w.nodes[0].ll.links[&la].current.local_index;
+    if let Some(l) = w.nodes[0].ll.links.get_mut(&la) {
+        l.current.set_send_counter(session::REKEY_AFTER_MESSAGES - 1);
+    }
+    w.send(0, la, b"last of the old").expect("send");
+    assert_eq!(w.only_link(0).state, LinkState::Rekeying);
+    w.run_for(Duration::from_millis(100));
+    assert_eq!(w.received(1), vec![b"last of the old".to_vec()]);
+    assert_eq!(w.only_link(0).state, LinkState::Up);
+    assert_ne!(w.nodes[0].ll.links[&la].current.local_index, first);
+    w.send(0, la, b"first of the new").expect("send");
+    w.run_for(Duration::from_millis(100));
+    assert_eq!(w.received(1).len(), 2);
+    // An exhausted session refuses to send.
+    if let Some(l) = w.nodes[0].ll.links.get_mut(&la) {
+        l.current.set_send_counter(session::REJECT_AFTER_MESSAGES);
+    }
+    assert_eq!(w.send(0, la, b"x"), Err(LinkError::SessionExpired));
+}
