@@ -1,9 +1,9 @@
 //! The link layer: authenticated, encrypted control channels between neighbours, as a sans-IO core.
 //!
 //! A *link* is an association with one neighbour, identified by the neighbour's static X25519 key,
-//! learnt and authenticated by a Noise XX handshake (see [`handshake`] for why XX). Over a link the
+//! learnt and authenticated by a Noise XX handshake (see `handshake.rs` for why XX). Over a link the
 //! control plane exchanges Babel packets and keepalives in LINK_DATA frames protected by the session
-//! keys (see [`session`]). Like `quinn-proto`, [`LinkLayer`] does no I/O and reads no clock: the
+//! keys (see `session.rs`). Like `quinn-proto`, [`LinkLayer`] does no I/O and reads no clock: the
 //! daemon feeds it datagrams and the time, and drains datagrams, events and the next deadline.
 //!
 //! Lifecycle rules (WireGuard's constants): a session is rekeyed by a fresh handshake after 120 s or
@@ -15,7 +15,7 @@
 //! sides send on the one whose initiator has the lower static key.
 //!
 //! DoS bounds: LINK_INIT (the only frame that costs the responder DH work and memory) is rate-limited
-//! per source ([`ratelimit`]); at most [`LinkConfig::max_half_open`] responder handshakes are held,
+//! per source (`ratelimit.rs`); at most [`LinkConfig::max_half_open`] responder handshakes are held,
 //! the oldest evicted first; links are capped at [`LinkConfig::max_links`]; every queue is bounded.
 
 mod handshake;
@@ -1386,9 +1386,7 @@ impl LinkLayer {
             else {
                 return Err(LinkError::UnknownIndex(index));
             };
-            let mut session = *session;
-            session.confirmed = true;
-            let id = match self.establish(now, from, peer_key, session) {
+            let id = match self.establish(now, from, peer_key, *session) {
                 Ok(id) => id,
                 Err(reason) => {
                     let f = Failed {
