@@ -297,6 +297,29 @@ mod tests {
         assert_eq!(w.check(1_000_001), Ok(()));
     }
 
+    proptest::proptest! {
+        /// The bitmap window agrees with a plain model: a counter is accepted iff it is new and
+        /// less than WINDOW behind the highest accepted one.
+        #[test]
+        fn window_matches_model(steps in proptest::collection::vec((0u64..6000, proptest::bool::ANY), 1..400)) {
+            let mut w = ReplayWindow::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut top: Option<u64> = None;
+            let mut base = 0u64;
+            for (delta, jump) in steps {
+                // Mostly near the top, sometimes far ahead.
+                let c = if jump { base + delta * 7 } else { base.saturating_sub(delta) };
+                let want = !seen.contains(&c) && top.is_none_or(|t| c > t || t - c < WINDOW);
+                proptest::prop_assert_eq!(w.update(c).is_ok(), want, "counter {}", c);
+                if want {
+                    seen.insert(c);
+                    top = Some(top.map_or(c, |t| t.max(c)));
+                    base = base.max(c);
+                }
+            }
+        }
+    }
+
     #[test]
     fn window_rejects_exhausted_counters() {
         let w = ReplayWindow::new();
