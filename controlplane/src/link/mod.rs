@@ -98,7 +98,8 @@ pub struct LinkConfig {
     pub seed: u64,
     /// Send a KEEPALIVE when nothing was sent on a link for this long. Default 5 s.
     pub keepalive_interval: Duration,
-    /// A link with nothing received for this long goes down. Default 20 s.
+    /// A link with nothing received for this long goes down. Default 20 s; keep it a few
+    /// keepalive intervals long (the peer's keepalives are what keep an idle link up).
     pub dead_interval: Duration,
     /// Give up a handshake attempt after this long. Default 10 s.
     pub handshake_timeout: Duration,
