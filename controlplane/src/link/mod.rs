@@ -591,9 +591,20 @@ impl core::fmt::Debug for LinkLayer {
 }
 
 impl LinkLayer {
-    /// A layer for the node with `cfg.static_secret`.
-    pub fn new(cfg: LinkConfig, now: Instant) -> Self {
+    /// A layer for the node with `cfg.static_secret`. Intervals shorter than 1 ms are raised to
+    /// 1 ms.
+    pub fn new(mut cfg: LinkConfig, now: Instant) -> Self {
         let _ = now;
+        // A zero interval would make a timer due forever: the driver would spin.
+        let min = Duration::from_millis(1);
+        for d in [
+            &mut cfg.keepalive_interval,
+            &mut cfg.dead_interval,
+            &mut cfg.handshake_timeout,
+            &mut cfg.handshake_retry,
+        ] {
+            *d = (*d).max(min);
+        }
         let public_key = *SecretKey::from_bytes(cfg.static_secret)
             .public_key()
             .as_bytes();

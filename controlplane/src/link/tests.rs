@@ -1077,3 +1077,20 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn zero_intervals_do_not_spin() {
+    let mut w = World::new();
+    let mut cfg = World::cfg(1);
+    cfg.keepalive_interval = Duration::ZERO;
+    cfg.handshake_retry = Duration::ZERO;
+    w.add(cfg, addr(1, 9651));
+    w.add(World::cfg(2), addr(2, 9651));
+    w.connect(0, 1);
+    w.run_for(Duration::from_millis(100));
+    assert_eq!(w.ups(0).len(), 1);
+    let before = w.now;
+    w.nodes[0].ll.handle_timeout(w.now);
+    w.collect(0);
+    assert!(w.nodes[0].ll.poll_timeout().is_some_and(|t| t > before));
+}
