@@ -2,3 +2,7 @@
 //!
 //! The control plane: sans-IO protocol cores (Babel, link handshakes) and the runtime that drives them.
 #![warn(missing_docs)]
+
+pub mod api;
+pub mod client;
+pub mod config;
