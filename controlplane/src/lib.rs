@@ -6,3 +6,4 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod runtime;
