@@ -6,4 +6,5 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod fib;
 pub mod runtime;
