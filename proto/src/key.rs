@@ -577,3 +577,38 @@ mod test {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn public_key_text_roundtrip(bytes in any::<[u8; 32]>()) {
+            let pk = PublicKey::from_bytes(bytes);
+            let text = pk.to_string();
+            prop_assert_eq!(text.len(), 64);
+            prop_assert!(text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            prop_assert_eq!(text.parse::<PublicKey>(), Ok(pk));
+            prop_assert_eq!(text.to_uppercase().parse::<PublicKey>(), Ok(pk));
+            let json = serde_json::to_string(&pk).unwrap();
+            prop_assert_eq!(serde_json::from_str::<PublicKey>(&json).unwrap(), pk);
+        }
+
+        /// Arbitrary text: parsing never panics, and whatever parses formats back to itself.
+        #[test]
+        fn public_key_parse_any(s in "\\PC{0,70}") {
+            if let Ok(pk) = s.parse::<PublicKey>() {
+                prop_assert_eq!(pk.to_string(), s.to_lowercase());
+            }
+        }
+
+        #[test]
+        fn secret_key_bytes_roundtrip(bytes in any::<[u8; 32]>()) {
+            let key = SecretKey::from_bytes(bytes);
+            prop_assert_eq!(key.as_bytes(), &bytes);
+            prop_assert_eq!(SecretKey::from_bytes(*key.as_bytes()).public_key(), key.public_key());
+        }
+    }
+}
