@@ -161,9 +161,6 @@ pub struct PeersArgs {
     /// What to do (only `list`, the default).
     #[command(subcommand)]
     pub action: Option<PeersAction>,
-    /// Print the API's JSON instead of a table.
-    #[arg(long, global = true)]
-    pub json: bool,
     /// Address of the node's HTTP API.
     #[arg(long = "api-addr", value_name = "ADDR", default_value_t = DEFAULT_API_ADDR, global = true)]
     pub api_addr: SocketAddr,
@@ -182,9 +179,6 @@ pub struct RoutesArgs {
     /// Which routes (default: selected).
     #[command(subcommand)]
     pub which: Option<RoutesWhich>,
-    /// Print the API's JSON instead of a table.
-    #[arg(long, global = true)]
-    pub json: bool,
     /// Address of the node's HTTP API.
     #[arg(long = "api-addr", value_name = "ADDR", default_value_t = DEFAULT_API_ADDR, global = true)]
     pub api_addr: SocketAddr,
@@ -199,15 +193,15 @@ pub enum RoutesWhich {
     Fallback,
 }
 
-/// Runs `hypha peers`; errors go to stderr and exit with 1.
-pub fn peers(args: &PeersArgs) -> ExitCode {
-    report(peers_text(args.api_addr, args.json))
+/// Runs `hypha peers` (`json`: the global `--json`); errors go to stderr and exit with 1.
+pub fn peers(args: &PeersArgs, json: bool) -> ExitCode {
+    report(peers_text(args.api_addr, json))
 }
 
-/// Runs `hypha routes`; errors go to stderr and exit with 1.
-pub fn routes(args: &RoutesArgs) -> ExitCode {
+/// Runs `hypha routes` (`json`: the global `--json`); errors go to stderr and exit with 1.
+pub fn routes(args: &RoutesArgs, json: bool) -> ExitCode {
     let which = args.which.unwrap_or(RoutesWhich::Selected);
-    report(routes_text(args.api_addr, which, args.json))
+    report(routes_text(args.api_addr, which, json))
 }
 
 fn report(r: Result<String, ClientError>) -> ExitCode {

@@ -161,8 +161,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
 /// The flags of `hypha run`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
-    /// Node key file (32 raw bytes, created if missing) [default: priv_key.bin].
-    #[arg(short = 'k', long = "key-file", value_name = "FILE")]
+    /// Node key file when given on the command line (the global `-k/--key-file`; `main` fills it
+    /// in, so that only an explicit flag overrides the config file).
+    #[arg(skip)]
     pub key_file: Option<PathBuf>,
     /// UDP port for peers and data [default: 9651].
     #[arg(short = 'p', long = "port", value_name = "PORT")]
