@@ -7,4 +7,5 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod fib;
+pub mod link;
 pub mod runtime;
