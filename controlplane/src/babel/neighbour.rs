@@ -236,20 +236,21 @@ mod tests {
         assert_eq!(n.compute_rxcost(96), INFINITY, "one Hello is not enough");
         n.hello.update(t0 + S, SeqNo(11), S);
         assert_eq!(n.compute_rxcost(96), 96);
-        // Hello 12 lost, 13 arrives: 1011 → still fine.
+        // Hello 12 lost, 13 arrives: 1011 → the last two? no, but the last and the third: fine.
         n.hello.update(t0 + 3 * S, SeqNo(13), S);
         assert_eq!(n.hello.reach >> 12, 0b1011);
         assert_eq!(n.compute_rxcost(96), 96);
-        // Two missed by timer.
-        assert!(!n.hello.check(t0 + 4 * S));
-        assert!(n.hello.check(t0 + 5 * S));
-        assert_eq!(
-            n.compute_rxcost(96),
-            96,
-            "0101: one of the last two and the third"
-        );
-        assert!(n.hello.check(t0 + 6 * S));
-        assert_eq!(n.compute_rxcost(96), INFINITY);
+        n.hello.update(t0 + 4 * S, SeqNo(14), S);
+        // Missed by timer, 1.5 intervals after the last one.
+        assert!(!n.hello.check(t0 + 5 * S));
+        assert!(n.hello.check(t0 + 5 * S + S / 2));
+        assert_eq!(n.hello.reach >> 12, 0b0110);
+        assert_eq!(n.compute_rxcost(96), 96, "0110: one of the last two and the third");
+        assert!(n.hello.check(t0 + 7 * S));
+        assert_eq!(n.compute_rxcost(96), INFINITY, "0011");
+        // A late Hello 15 undoes the two misses counted (15 and 16), as babeld does.
+        n.hello.update(t0 + 7 * S, SeqNo(15), S);
+        assert_eq!(n.hello.reach >> 12, 0b1110);
         // A restart (seqno far back) resets the history.
         assert!(n.hello.update(t0 + 7 * S, SeqNo(2), S));
         assert_eq!(n.hello.reach, 0x8000);
