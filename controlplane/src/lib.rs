@@ -4,8 +4,10 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod babel;
 pub mod client;
 pub mod config;
 pub mod fib;
 pub mod link;
 pub mod runtime;
+pub mod sim;
