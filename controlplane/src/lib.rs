@@ -7,6 +7,7 @@ pub mod api;
 pub mod babel;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod fib;
 pub mod link;
 pub mod runtime;

@@ -8,6 +8,7 @@ mod cli;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
     let parsed = Cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
-    let (cli, _matches) = match parsed {
+    let (cli, matches) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
             // Help and version go to stdout with code 0; errors to stderr with code 2.
@@ -27,6 +28,15 @@ fn main() -> ExitCode {
     };
     init_logging();
     match &cli.command {
+        Command::Run(args) => {
+            let mut args = args.clone();
+            // `-k` is global with a default; only a key file given on the command line overrides
+            // the config file's.
+            if matches.value_source("key_file") == Some(ValueSource::CommandLine) {
+                args.key_file = Some(cli.key_file.clone());
+            }
+            return hypha_controlplane::daemon::run(&args);
+        }
         Command::Peers(args) => return hypha_controlplane::client::peers(args, cli.json),
         Command::Routes(args) => return hypha_controlplane::client::routes(args, cli.json),
         Command::GenerateKeys(_) | Command::Inspect(_) => {}
@@ -46,7 +56,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::GenerateKeys(args) => cli::identity::generate_keys(cli, args),
         Command::Inspect(args) => cli::identity::inspect(cli, args),
         // Dispatched in `main`: they report their own errors and exit codes.
-        Command::Peers(_) | Command::Routes(_) => Ok(()),
+        Command::Run(_) | Command::Peers(_) | Command::Routes(_) => Ok(()),
     }
 }
 
