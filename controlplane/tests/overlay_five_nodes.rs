@@ -16,7 +16,7 @@
 //! Needs root (network namespaces). Run with `cargo test -p hypha-controlplane --test overlay_five_nodes`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -66,14 +66,19 @@ impl Overlay {
         &self.nodes[name]
     }
 
-    /// Links `x`–`y`; `y` dials `x`.
+    /// Links `x`–`y`; `y` dials `x` over IPv4.
     fn link(&mut self, x: &str, y: &str) -> Link {
+        self.link_over(x, y, false)
+    }
+
+    /// Links `x`–`y`; `y` dials `x` over IPv6 (`v6`) or IPv4.
+    fn link_over(&mut self, x: &str, y: &str, v6: bool) -> Link {
         let l = self
             .net
             .link(self.node(x), self.node(y), LinkOpts::default())
             .expect("link");
-        let ex = SocketAddr::new(IpAddr::V4(l.a().ipv4()), PORT);
-        let ey = SocketAddr::new(IpAddr::V4(l.b().ipv4()), PORT);
+        let ex = SocketAddr::new(l.a().ip(v6), PORT);
+        let ey = SocketAddr::new(l.b().ip(v6), PORT);
         self.endpoints.insert(ex, x.to_string());
         self.endpoints.insert(ey, y.to_string());
         self.dials.entry(y.to_string()).or_default().push(ex);
@@ -373,7 +378,8 @@ fn a_killed_peer_restarted_with_its_key_is_reconnected() {
     let three = ["a", "b", "c"];
     let mut o = Overlay::new("ovlrs", &three);
     o.link("a", "b");
-    o.link("b", "c");
+    // c dials b over IPv6 (`udp://[fd00:..]:9651`), exercising the dual-stack socket.
+    o.link_over("b", "c", true);
     for n in three {
         o.start(n, false);
     }
