@@ -18,7 +18,6 @@
 //! per source ([`ratelimit`]); at most [`LinkConfig::max_half_open`] responder handshakes are held,
 //! the oldest evicted first; links are capped at [`LinkConfig::max_links`]; every queue is bounded.
 
-mod envelope;
 mod handshake;
 mod ratelimit;
 mod session;
@@ -31,7 +30,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use core::time::Duration;
 
+use hypha_proto::key::SecretKey;
 use hypha_proto::time::Instant;
+use hypha_proto::wire::control::{ControlType, Packet, Repr, HEADER_LEN};
+use hypha_proto::wire::WireError;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use snow::HandshakeState;
@@ -47,31 +49,40 @@ const MAX_DATAGRAM: usize = 65_507;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LinkId(pub u32);
 
-/// What travels in a LINK_DATA frame: the first plaintext byte (WIRE.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Channel {
-    /// 0x01: a complete RFC 8966 Babel packet (header and body).
-    Babel,
-    /// 0x02: nothing; keeps the link alive. Handled inside the link layer, never surfaced.
-    Keepalive,
+/// What travels in a LINK_DATA frame: the first plaintext byte (WIRE.md). [`Channel::Keepalive`]
+/// is handled inside the link layer and never surfaced as [`LinkEvent::Received`].
+pub use hypha_proto::wire::control::Channel;
+
+/// The envelope fields the link layer works with, from a checked [`Packet`].
+#[derive(Clone, Copy, Debug)]
+struct Envelope<'a> {
+    frame_type: ControlType,
+    sender: u32,
+    receiver: u32,
+    counter: u64,
+    /// The 20 envelope bytes (the AAD of LINK_DATA).
+    header: &'a [u8],
+    body: &'a [u8],
 }
 
-impl Channel {
-    /// The wire byte.
-    pub fn to_byte(self) -> u8 {
-        match self {
-            Channel::Babel => 0x01,
-            Channel::Keepalive => 0x02,
-        }
-    }
-
-    /// From the wire byte.
-    pub fn from_byte(b: u8) -> Option<Self> {
-        match b {
-            0x01 => Some(Channel::Babel),
-            0x02 => Some(Channel::Keepalive),
-            _ => None,
-        }
+impl<'a> Envelope<'a> {
+    fn parse(datagram: &'a [u8]) -> Result<Self, WireError> {
+        let packet = Packet::new_checked(datagram)?;
+        let repr = Repr::parse(&packet)?;
+        let (header, body) = datagram
+            .split_at_checked(HEADER_LEN)
+            .ok_or(WireError::Truncated {
+                needed: HEADER_LEN,
+                len: datagram.len(),
+            })?;
+        Ok(Envelope {
+            frame_type: repr.frame_type,
+            sender: repr.sender_index,
+            receiver: repr.receiver_index,
+            counter: repr.counter,
+            header,
+            body,
+        })
     }
 }
 
@@ -328,7 +339,10 @@ pub struct LinkCounters {
 /// Why a datagram was dropped or a command refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LinkError {
-    /// The frame is malformed.
+    /// The envelope is malformed (type, version, length).
+    #[error("malformed control frame: {0}")]
+    Wire(#[from] WireError),
+    /// The envelope is well-formed but its fields or body do not fit its frame type.
     #[error("malformed control frame: {0}")]
     Malformed(#[from] MalformedFrame),
     /// No session or handshake has this receiver index.
@@ -366,25 +380,13 @@ pub enum LinkError {
     QueueFull,
 }
 
-/// How a control frame is malformed.
+/// How a well-formed envelope does not fit its frame type (WIRE.md's per-type field rules).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MalformedFrame {
-    /// Shorter than its fixed part.
-    #[error("truncated")]
-    Truncated,
-    /// First byte is not a link frame type (0x02..=0x05).
-    #[error("frame type {0:#04x}")]
-    FrameType(u8),
-    /// Envelope version is not 1.
-    #[error("version {0}")]
-    Version(u8),
-    /// Envelope body length differs from the bytes that follow.
-    #[error("body length mismatch")]
-    Length,
-    /// An index or counter that must be zero (or non-zero) is not.
+    /// An index or counter that must be zero (or non-zero) for this frame type is not.
     #[error("envelope field out of place")]
     Field,
-    /// A handshake body of the wrong size.
+    /// A handshake body of the wrong size for its message.
     #[error("handshake message length")]
     HandshakeLength,
 }
@@ -411,19 +413,33 @@ impl TxQueue {
         &mut self,
         counters: &mut LinkCounters,
         to: SocketAddr,
-        frame_type: u8,
+        frame_type: ControlType,
         sender: u32,
         receiver: u32,
         body: &[u8],
     ) {
+        // Handshake bodies are at most 96 bytes.
+        let Ok(body_len) = u16::try_from(body.len()) else {
+            return;
+        };
         let Some(mut b) = self.buffer() else {
             counters.tx_queue_full += 1;
             return;
         };
-        // Handshake bodies are at most 96 bytes.
-        let len = u16::try_from(body.len()).unwrap_or(u16::MAX);
-        envelope::write(&mut b, frame_type, sender, receiver, 0, len);
-        b.extend_from_slice(body);
+        let repr = Repr {
+            frame_type,
+            sender_index: sender,
+            receiver_index: receiver,
+            counter: 0,
+            body_len,
+        };
+        b.resize(repr.buffer_len(), 0);
+        let mut packet = Packet::new_unchecked(&mut b[..]);
+        repr.emit(&mut packet);
+        let out = packet.body_mut();
+        if out.len() == body.len() {
+            out.copy_from_slice(body);
+        }
         self.queue.push_back((to, b));
     }
 }
@@ -574,8 +590,9 @@ impl LinkLayer {
     /// A layer for the node with `cfg.static_secret`.
     pub fn new(cfg: LinkConfig, now: Instant) -> Self {
         let _ = now;
-        let secret = x25519_dalek::StaticSecret::from(cfg.static_secret);
-        let public_key = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        let public_key = *SecretKey::from_bytes(cfg.static_secret)
+            .public_key()
+            .as_bytes();
         LinkLayer {
             noise: Noise::new(cfg.static_secret, cfg.network_key),
             public_key,
@@ -635,7 +652,7 @@ impl LinkLayer {
         datagram: &[u8],
     ) -> Result<(), LinkError> {
         self.counters.rx_datagrams += 1;
-        let env = match envelope::parse(datagram) {
+        let env = match Envelope::parse(datagram) {
             Ok(env) => env,
             Err(e) => {
                 self.counters.malformed += 1;
@@ -643,10 +660,10 @@ impl LinkLayer {
             }
         };
         match env.frame_type {
-            envelope::LINK_INIT => self.on_init(now, from, &env),
-            envelope::LINK_RESP => self.on_resp(now, from, &env),
-            envelope::LINK_FINISH => self.on_finish(now, from, &env),
-            _ => self.on_data(now, from, &env, datagram.len()),
+            ControlType::LinkInit => self.on_init(now, from, &env),
+            ControlType::LinkResp => self.on_resp(now, from, &env),
+            ControlType::LinkFinish => self.on_finish(now, from, &env),
+            ControlType::LinkData => self.on_data(now, from, &env, datagram.len()),
         }
     }
 
@@ -664,9 +681,8 @@ impl LinkLayer {
             .get_mut(&link)
             .ok_or(LinkError::UnknownLink(link))?;
         seal_frame(&mut self.tx, &mut self.counters, l, now, channel, payload)?;
-        let wants = l.rekey.is_none()
-            && l.current.wants_rekey_by_count()
-            && now >= l.rekey_not_before;
+        let wants =
+            l.rekey.is_none() && l.current.wants_rekey_by_count() && now >= l.rekey_not_before;
         if wants {
             let remote = l.remote;
             self.start_handshake(now, remote, Some(link));
@@ -720,7 +736,7 @@ impl LinkLayer {
                     self.tx.control(
                         &mut self.counters,
                         h.remote,
-                        envelope::LINK_INIT,
+                        ControlType::LinkInit,
                         index,
                         0,
                         msg1.get(..len).unwrap_or(&[]),
@@ -732,7 +748,7 @@ impl LinkLayer {
                     self.tx.control(
                         &mut self.counters,
                         h.remote,
-                        envelope::LINK_FINISH,
+                        ControlType::LinkFinish,
                         0,
                         *peer_index,
                         msg3,
@@ -980,7 +996,7 @@ impl LinkLayer {
         self.tx.control(
             &mut self.counters,
             remote,
-            envelope::LINK_INIT,
+            ControlType::LinkInit,
             index,
             0,
             msg1.get(..len).unwrap_or(&[]),
@@ -996,7 +1012,7 @@ impl LinkLayer {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        env: &envelope::Envelope<'_>,
+        env: &Envelope<'_>,
     ) -> Result<(), LinkError> {
         if env.sender == 0 || env.receiver != 0 || env.counter != 0 {
             return self.malformed(MalformedFrame::Field);
@@ -1019,7 +1035,7 @@ impl LinkLayer {
                 self.tx.control(
                     &mut self.counters,
                     from,
-                    envelope::LINK_RESP,
+                    ControlType::LinkResp,
                     index,
                     env.sender,
                     msg2,
@@ -1077,7 +1093,7 @@ impl LinkLayer {
         self.tx.control(
             &mut self.counters,
             from,
-            envelope::LINK_RESP,
+            ControlType::LinkResp,
             index,
             env.sender,
             &msg2,
@@ -1089,7 +1105,7 @@ impl LinkLayer {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        env: &envelope::Envelope<'_>,
+        env: &Envelope<'_>,
     ) -> Result<(), LinkError> {
         if env.sender == 0 || env.receiver == 0 || env.counter != 0 {
             return self.malformed(MalformedFrame::Field);
@@ -1155,7 +1171,7 @@ impl LinkLayer {
         self.tx.control(
             &mut self.counters,
             from,
-            envelope::LINK_FINISH,
+            ControlType::LinkFinish,
             0,
             env.sender,
             &msg3,
@@ -1190,7 +1206,7 @@ impl LinkLayer {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        env: &envelope::Envelope<'_>,
+        env: &Envelope<'_>,
     ) -> Result<(), LinkError> {
         if env.sender != 0 || env.receiver == 0 || env.counter != 0 {
             return self.malformed(MalformedFrame::Field);
@@ -1294,14 +1310,11 @@ impl LinkLayer {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        env: &envelope::Envelope<'_>,
+        env: &Envelope<'_>,
         wire_len: usize,
     ) -> Result<(), LinkError> {
         if env.sender != 0 || env.receiver == 0 {
             return self.malformed(MalformedFrame::Field);
-        }
-        if env.body.len() < 1 + TAG_LEN {
-            return self.malformed(MalformedFrame::Truncated);
         }
         let mut scratch = core::mem::take(&mut self.scratch);
         scratch.clear();
@@ -1315,7 +1328,7 @@ impl LinkLayer {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        env: &envelope::Envelope<'_>,
+        env: &Envelope<'_>,
         buf: &mut [u8],
         wire_len: usize,
     ) -> Result<(), LinkError> {
@@ -1384,9 +1397,9 @@ impl LinkLayer {
             self.counters.unknown_channel += 1;
             return Ok(());
         };
-        match Channel::from_byte(ch) {
-            Some(Channel::Keepalive) => {}
-            Some(channel) => self.events.push(
+        match Channel::try_from(ch) {
+            Ok(Channel::Keepalive) => {}
+            Ok(channel) => self.events.push(
                 &mut self.counters,
                 LinkEvent::Received {
                     link: id,
@@ -1394,7 +1407,7 @@ impl LinkLayer {
                     payload: payload.to_vec(),
                 },
             ),
-            None => self.counters.unknown_channel += 1,
+            Err(_) => self.counters.unknown_channel += 1,
         }
         Ok(())
     }
@@ -1528,7 +1541,7 @@ fn failure_of(e: &NoiseError) -> HandshakeFailure {
 fn open(
     counters: &mut LinkCounters,
     session: &mut Session,
-    env: &envelope::Envelope<'_>,
+    env: &Envelope<'_>,
     buf: &mut [u8],
 ) -> Result<usize, LinkError> {
     match session.open(env.counter, env.header, buf) {
@@ -1560,7 +1573,7 @@ fn seal_frame(
     let body_len = 1 + payload.len() + TAG_LEN;
     let body_len16 = u16::try_from(body_len)
         .ok()
-        .filter(|_| envelope::LEN + body_len <= MAX_DATAGRAM)
+        .filter(|_| HEADER_LEN + body_len <= MAX_DATAGRAM)
         .ok_or(LinkError::PayloadTooLarge(payload.len()))?;
     if !l.current.usable(now) {
         return Err(LinkError::SessionExpired);
@@ -1570,23 +1583,31 @@ fn seal_frame(
         return Err(LinkError::QueueFull);
     };
     let s = &mut l.current;
-    envelope::write(
-        &mut b,
-        envelope::LINK_DATA,
-        0,
-        s.remote_index,
-        s.next_counter(),
-        body_len16,
-    );
-    b.push(channel.to_byte());
-    b.extend_from_slice(payload);
-    let (header, body) = b.split_at_mut(envelope::LEN);
-    match s.seal(header, body) {
-        Ok((_, tag)) => b.extend_from_slice(&tag),
-        Err(_) => {
-            tx.pool.push(b);
-            return Err(LinkError::SessionExpired);
+    let repr = Repr {
+        frame_type: ControlType::LinkData,
+        sender_index: 0,
+        receiver_index: s.remote_index,
+        counter: s.next_counter(),
+        body_len: body_len16,
+    };
+    b.resize(repr.buffer_len(), 0);
+    let mut packet = Packet::new_unchecked(&mut b[..]);
+    repr.emit(&mut packet);
+    let (aad, body) = packet.aad_and_body_mut();
+    let sealed = match body.split_at_mut_checked(body_len - TAG_LEN) {
+        Some((plain, tag_out)) => {
+            if let Some((ch, rest)) = plain.split_first_mut() {
+                *ch = channel as u8;
+                rest.copy_from_slice(payload);
+            }
+            s.seal(aad, plain)
+                .map(|(_, tag)| tag_out.copy_from_slice(&tag))
         }
+        None => Err(session::CryptoError::Auth),
+    };
+    if sealed.is_err() {
+        tx.pool.push(b);
+        return Err(LinkError::SessionExpired);
     }
     l.last_tx = now;
     l.tx_bytes += b.len() as u64;

@@ -16,8 +16,13 @@ fn secret(i: u8) -> [u8; 32] {
 }
 
 fn public(secret: [u8; 32]) -> [u8; 32] {
-    x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret)).to_bytes()
+    *SecretKey::from_bytes(secret).public_key().as_bytes()
 }
+
+const LINK_INIT: u8 = ControlType::LinkInit as u8;
+const LINK_RESP: u8 = ControlType::LinkResp as u8;
+const LINK_FINISH: u8 = ControlType::LinkFinish as u8;
+const LINK_DATA: u8 = ControlType::LinkData as u8;
 
 struct Node {
     ll: LinkLayer,
@@ -256,9 +261,9 @@ fn handshake_completes_with_both_keys() {
     assert_eq!(la.state, LinkState::Up);
     assert_eq!(la.peer_key, public(secret(2)));
     // 1.5 RTT plus the confirming keepalive: exactly three handshake messages, no retries.
-    assert_eq!(w.tapped(addr(1, 9651), envelope::LINK_INIT).len(), 1);
-    assert_eq!(w.tapped(addr(2, 9651), envelope::LINK_RESP).len(), 1);
-    assert_eq!(w.tapped(addr(1, 9651), envelope::LINK_FINISH).len(), 1);
+    assert_eq!(w.tapped(addr(1, 9651), LINK_INIT).len(), 1);
+    assert_eq!(w.tapped(addr(2, 9651), LINK_RESP).len(), 1);
+    assert_eq!(w.tapped(addr(1, 9651), LINK_FINISH).len(), 1);
     for n in &w.nodes {
         assert_eq!(n.ll.counters().handshakes_completed, 1);
         assert_eq!(n.ll.table_sizes().handshakes, 0);
@@ -270,21 +275,21 @@ fn handshake_completes_with_both_keys() {
 #[test]
 fn wire_format_of_handshake_and_data() {
     let mut w = pair();
-    let init = &w.tapped(addr(1, 9651), envelope::LINK_INIT)[0];
+    let init = &w.tapped(addr(1, 9651), LINK_INIT)[0];
     assert_eq!(init.len(), 20 + 32);
     assert_eq!(&init[1..4], &[1, 0, 32]);
     assert_eq!(&init[8..20], &[0; 12]);
-    let resp = &w.tapped(addr(2, 9651), envelope::LINK_RESP)[0];
+    let resp = &w.tapped(addr(2, 9651), LINK_RESP)[0];
     assert_eq!(resp.len(), 20 + 96);
     // LINK_RESP's receiver index is LINK_INIT's sender index.
     assert_eq!(&resp[8..12], &init[4..8]);
-    let fin = &w.tapped(addr(1, 9651), envelope::LINK_FINISH)[0];
+    let fin = &w.tapped(addr(1, 9651), LINK_FINISH)[0];
     assert_eq!(fin.len(), 20 + 64);
     assert_eq!(&fin[4..8], &[0; 4]);
     assert_eq!(&fin[8..12], &resp[4..8]);
     let id = w.only_link(0).id;
     w.send(0, id, b"babel").expect("send");
-    let data = w.tapped(addr(1, 9651), envelope::LINK_DATA);
+    let data = w.tapped(addr(1, 9651), LINK_DATA);
     let d = data.last().expect("data");
     assert_eq!(d.len(), 20 + 1 + 5 + 16);
     assert_eq!(&d[2..4], &(22u16).to_be_bytes());
@@ -324,7 +329,7 @@ fn replayed_data_dropped_and_counted() {
     w.run_for(Duration::from_millis(100));
     assert_eq!(w.received(1).len(), 1);
     let frame = w
-        .tapped(addr(1, 9651), envelope::LINK_DATA)
+        .tapped(addr(1, 9651), LINK_DATA)
         .last()
         .cloned()
         .expect("frame");
@@ -360,11 +365,11 @@ fn reordered_data_accepted_once() {
     let mut w = pair();
     let la = w.only_link(0).id;
     // Hold back the frames, then deliver them in reverse order.
-    w.filter = Box::new(|_, _, d| d.first() != Some(&envelope::LINK_DATA));
+    w.filter = Box::new(|_, _, d| d.first() != Some(&LINK_DATA));
     for i in 0..50u8 {
         w.send(0, la, &[i]).expect("send");
     }
-    let frames = w.tapped(addr(1, 9651), envelope::LINK_DATA);
+    let frames = w.tapped(addr(1, 9651), LINK_DATA);
     for f in frames.iter().rev() {
         w.inject(1, addr(1, 9651), f)
             .expect("reordered frame accepted");
@@ -378,10 +383,10 @@ fn reordered_data_accepted_once() {
 fn flipped_bits_fail_authentication() {
     let mut w = pair();
     let la = w.only_link(0).id;
-    w.filter = Box::new(|_, _, d| d.first() != Some(&envelope::LINK_DATA));
+    w.filter = Box::new(|_, _, d| d.first() != Some(&LINK_DATA));
     w.send(0, la, b"integrity").expect("send");
     let frame = w
-        .tapped(addr(1, 9651), envelope::LINK_DATA)
+        .tapped(addr(1, 9651), LINK_DATA)
         .last()
         .cloned()
         .expect("frame");
@@ -462,7 +467,7 @@ fn same_network_key_links() {
     w.run_for(Duration::from_millis(100));
     assert_eq!(w.ups(0).len(), 1);
     assert_eq!(w.ups(1).len(), 1);
-    let init = &w.tapped(addr(1, 9651), envelope::LINK_INIT)[0];
+    let init = &w.tapped(addr(1, 9651), LINK_INIT)[0];
     assert_eq!(init.len(), 20 + 48);
 }
 
@@ -594,11 +599,7 @@ fn peer_restart_same_key_same_address_rekeys() {
 
 #[test]
 fn handshake_survives_lost_messages() {
-    for lost in [
-        envelope::LINK_INIT,
-        envelope::LINK_RESP,
-        envelope::LINK_FINISH,
-    ] {
+    for lost in [LINK_INIT, LINK_RESP, LINK_FINISH] {
         let mut w = World::new();
         w.add(World::cfg(1), addr(1, 9651));
         w.add(World::cfg(2), addr(2, 9651));
@@ -627,7 +628,7 @@ fn lost_confirmation_is_resent() {
     // Drop B's first LINK_DATA (the keepalive confirming message 3).
     let mut dropped = false;
     w.filter = Box::new(move |_, _, d| {
-        if !dropped && d.first() == Some(&envelope::LINK_DATA) {
+        if !dropped && d.first() == Some(&LINK_DATA) {
             dropped = true;
             return false;
         }
@@ -656,7 +657,7 @@ fn connect_is_idempotent_and_times_out() {
     w.run_for(Duration::from_secs(11));
     assert_eq!(w.failures(0), vec![HandshakeFailure::Timeout]);
     // Retransmitted roughly every second, then given up.
-    let inits = w.tapped(addr(1, 9651), envelope::LINK_INIT).len();
+    let inits = w.tapped(addr(1, 9651), LINK_INIT).len();
     assert!((8..=11).contains(&inits), "{inits} inits");
     assert_eq!(w.nodes[0].ll.handshakes().count(), 0);
     assert_eq!(w.nodes[0].ll.poll_timeout(), None);
@@ -705,7 +706,7 @@ fn init_flood_from_one_source_is_bounded() {
     cfg.max_half_open = 64;
     w.add(cfg, addr(2, 9651));
     let attacker = addr(66, 4444);
-    let mut msg = vec![envelope::LINK_INIT, 1, 0, 32];
+    let mut msg = vec![LINK_INIT, 1, 0, 32];
     msg.extend_from_slice(&[0; 16]);
     msg.extend_from_slice(&[9; 32]);
     let mut accepted = 0;
@@ -744,7 +745,7 @@ fn init_flood_from_many_sources_is_bounded() {
     cfg.rate_limit_sources = 64;
     w.add(cfg, addr(2, 9651));
     w.add(World::cfg(1), addr(1, 9651));
-    let mut msg = vec![envelope::LINK_INIT, 1, 0, 32];
+    let mut msg = vec![LINK_INIT, 1, 0, 32];
     msg.extend_from_slice(&[0; 16]);
     msg.extend_from_slice(&[9; 32]);
     // Each accepted LINK_INIT costs three X25519 operations (slow in debug builds): keep it small.
@@ -807,7 +808,7 @@ fn session_expires_when_rekey_impossible() {
     let mut w = pair();
     let la = w.only_link(0).id;
     // Drop every handshake message from now on; data still flows.
-    w.filter = Box::new(|_, _, d| d.first() == Some(&envelope::LINK_DATA));
+    w.filter = Box::new(|_, _, d| d.first() == Some(&LINK_DATA));
     w.run_for(Duration::from_secs(200));
     assert_eq!(w.downs(0), vec![(la, DownReason::Expired)]);
     assert_eq!(w.downs(1).len(), 1);
@@ -820,19 +821,30 @@ fn malformed_frames_counted_never_panic() {
     let mut w = pair();
     let from = addr(1, 9651);
     let cases: Vec<(Vec<u8>, LinkError)> = vec![
-        (vec![], MalformedFrame::Truncated.into()),
-        (vec![0x05; 19], MalformedFrame::Truncated.into()),
+        (vec![], WireError::Truncated { needed: 20, len: 0 }.into()),
         (
-            [&[0x01u8, 1, 0, 0][..], &[0; 16]].concat(),
-            MalformedFrame::FrameType(1).into(),
+            vec![0x05; 19],
+            WireError::Truncated {
+                needed: 20,
+                len: 19,
+            }
+            .into(),
+        ),
+        (
+            [&[0x09u8, 1, 0, 0][..], &[0; 16]].concat(),
+            WireError::UnknownFrameType(9).into(),
         ),
         (
             [&[0x05u8, 2, 0, 0][..], &[0; 16]].concat(),
-            MalformedFrame::Version(2).into(),
+            WireError::UnsupportedVersion(2).into(),
         ),
         (
             [&[0x05u8, 1, 0, 9][..], &[0; 16]].concat(),
-            MalformedFrame::Length.into(),
+            WireError::BodyLengthMismatch {
+                declared: 9,
+                actual: 0,
+            }
+            .into(),
         ),
         (
             [&[0x02u8, 1, 0, 31][..], &[0; 16], &[1; 31]].concat(),
@@ -870,7 +882,7 @@ fn malformed_frames_counted_never_panic() {
                 &[1; 16],
             ]
             .concat(),
-            MalformedFrame::Truncated.into(),
+            WireError::CiphertextTooShort { len: 16, min: 17 }.into(),
         ),
     ];
     for (d, want) in &cases {
@@ -909,7 +921,8 @@ fn rekey_by_message_count() {
     let la = w.only_link(0).id;
     let first = w.nodes[0].ll.links[&la].current.local_index;
     if let Some(l) = w.nodes[0].ll.links.get_mut(&la) {
-        l.current.set_send_counter(session::REKEY_AFTER_MESSAGES - 1);
+        l.current
+            .set_send_counter(session::REKEY_AFTER_MESSAGES - 1);
     }
     w.send(0, la, b"last of the old").expect("send");
     assert_eq!(w.only_link(0).state, LinkState::Rekeying);
