@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use hypha_proto::babel::Prefix;
 use hypha_proto::time::Instant;
+use hypha_proto::wire::FrameType;
 
 use super::peers::PeerTable;
 use crate::api::{AdminInfo, Metric, RouteInfo, Snapshot, Stats};
@@ -174,15 +175,15 @@ impl<F: FibSink> Node<F> {
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.counters.rx_datagrams += 1;
         self.peers.count_rx(from, datagram.len());
-        match datagram.first() {
-            Some(0x02..=0x05) => {
+        match FrameType::of(datagram) {
+            Ok(t) if t.is_control() => {
                 if let Err(e) = self.link.handle_datagram(now, from, datagram) {
                     self.counters.link_dropped += 1;
                     tracing::trace!(%from, error = %e, "link frame dropped");
                 }
             }
-            Some(0x01) => self.counters.data_without_dataplane += 1,
-            _ => self.counters.unknown_frame_type += 1,
+            Ok(_) => self.counters.data_without_dataplane += 1,
+            Err(_) => self.counters.unknown_frame_type += 1,
         }
         self.process(now);
     }
