@@ -715,6 +715,24 @@ mod tests {
     }
 
     #[test]
+    fn peers_that_dial_each_other_share_one_link() {
+        let mut net = Net::new(2, &[(0, 1), (1, 0)], &[]);
+        net.run_until(Duration::from_secs(30), Net::converged)
+            .expect("converge");
+        net.run_until(Duration::from_secs(5), |_| false);
+        for n in &net.nodes {
+            let snap = n.snapshot(0);
+            assert_eq!(snap.peers.len(), 1, "{:?}", snap.peers);
+            assert_eq!(snap.peers[0].kind, crate::api::PeerType::Static);
+            assert_eq!(
+                snap.peers[0].connection_state,
+                crate::api::ConnectionState::Alive
+            );
+            assert_eq!(snap.selected.len(), 1, "{:?}", snap.selected);
+        }
+    }
+
+    #[test]
     fn garbage_is_counted_not_fatal() {
         let mut net = Net::new(1, &[], &[]);
         let now = net.now;
