@@ -641,6 +641,16 @@ mod tests {
             .find(|r| r.subnet == to_c)
             .expect("route a→c");
         assert_eq!(r.next_hop, format!("udp://{}", addr(1)));
+        // The FIB sink saw exactly the selected routes, with the same next hops.
+        let fib = net.nodes[0].fib();
+        assert_eq!(fib.len(), snap.selected.len());
+        for r in &snap.selected {
+            let (_, e) = fib
+                .iter()
+                .find(|(p, _)| p.to_string() == r.subnet)
+                .expect("selected route in the FIB");
+            assert_eq!(format!("udp://{}", e.next_hop.endpoint), r.next_hop);
+        }
         assert_eq!(snap.peers.len(), 1);
         assert_eq!(
             snap.peers[0].connection_state,
