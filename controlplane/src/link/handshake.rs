@@ -187,6 +187,16 @@ mod tests {
     }
 
     #[test]
+    fn state_size() {
+        // The fixed part of a half-open responder entry (boxed; plus small boxed primitives).
+        let size = core::mem::size_of::<HandshakeState>();
+        assert!(
+            size < 2048,
+            "HandshakeState is {size} bytes; update docs/link.md's DoS bounds"
+        );
+    }
+
+    #[test]
     fn xx_completes_and_agrees() {
         let (fi, fr) = run(Noise::new([1; 32], None), Noise::new([2; 32], None)).expect("ok");
         assert_eq!(fi.k_i2r, fr.k_i2r);

@@ -110,7 +110,8 @@ pub struct LinkConfig {
     pub handshake_burst: u32,
     /// Sources remembered by the rate limiter. Default 4096.
     pub rate_limit_sources: usize,
-    /// Responder handshakes held at once (each a boxed Noise state, about 1 KiB). Default 256.
+    /// Responder handshakes held at once (each a boxed Noise state of under 1 KiB plus its boxed
+    /// primitives, a few KiB in all). Default 256.
     pub max_half_open: usize,
     /// Established links at once. Default 1024.
     pub max_links: usize,
@@ -164,7 +165,9 @@ pub enum DownReason {
     #[error("nothing received for the dead interval")]
     Dead,
     /// A new handshake from the same key at another address, or another key at the same address,
-    /// replaced the link (the peer restarted).
+    /// replaced the link (the peer restarted or moved). The new link's `Up` follows; do not
+    /// reconnect the old address because of this (a peer reachable at two configured addresses
+    /// would otherwise flap between them).
     #[error("replaced by a new link")]
     Replaced,
     /// The session reached its age limit (180 s) and no rekey succeeded.
@@ -538,7 +541,7 @@ impl Link {
         let after = if self.current.we_initiated {
             REKEY_AFTER_TIME
         } else {
-            REKEY_AFTER_TIME + handshake_timeout
+            REKEY_AFTER_TIME.saturating_add(handshake_timeout)
         };
         (self.current.created + after).max(self.rekey_not_before)
     }
@@ -834,8 +837,8 @@ impl LinkLayer {
     /// Moves the next outgoing datagram into `buf` (cleared first) and returns its destination.
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<SocketAddr> {
         let (to, mut b) = self.tx.queue.pop_front()?;
-        buf.clear();
-        buf.extend_from_slice(&b);
+        // Hand over our buffer and keep the caller's old one for reuse: no copy.
+        core::mem::swap(buf, &mut b);
         b.clear();
         if self.tx.pool.len() < 64 {
             self.tx.pool.push(b);
@@ -903,7 +906,7 @@ impl LinkLayer {
         } else {
             self.rng.random_range(0..=extra)
         };
-        base + Duration::from_micros(jitter)
+        base.saturating_add(Duration::from_micros(jitter))
     }
 
     /// A fresh random non-zero index not used by any handshake or session.
