@@ -365,7 +365,21 @@ impl Router {
                     self.send_full_update(now, key.iface);
                 }
             }
-            Some(p) => self.send_update(now, key.iface, p, true),
+            Some(p) => {
+                // Known prefixes are bounded by our tables; answers about unknown ones (which are
+                // retractions) are bounded here, so a neighbour asking about many cannot grow the
+                // buffer.
+                let known =
+                    self.xroutes.find(&p).is_some() || self.routes.prefixes.contains_key(&p);
+                let room = self.interfaces.get(&key.iface).is_some_and(|i| {
+                    i.mcast.updates.len() < super::interface::MAX_BUFFERED_REQUESTS
+                });
+                if known || room {
+                    self.send_update(now, key.iface, p, true);
+                } else {
+                    self.counters.output_dropped += 1;
+                }
+            }
         }
     }
 

@@ -543,6 +543,17 @@ impl Router {
             }
         }
         if self.expire_at <= now {
+            // Neighbours heard from without a Hello (a stray request, say) have no timer of their
+            // own: sweep them here.
+            let dead: Vec<NeighbourKey> = self
+                .neighbours
+                .iter()
+                .filter(|(_, n)| n.is_dead())
+                .map(|(k, _)| *k)
+                .collect();
+            for k in dead {
+                self.flush_neighbour(now, k);
+            }
             self.expire_routes(now);
             self.sources.expire_sources(now, self.config.source_gc_time);
             self.expire_at = now + EXPIRY_INTERVAL;

@@ -668,3 +668,32 @@ fn rtt_from_timestamps_raises_the_cost() {
     assert_eq!(n.rtt, Some(ms(120)));
     assert_eq!(n.cost, 96 + 150);
 }
+
+#[test]
+fn stray_neighbours_are_swept_and_unknown_requests_bounded() {
+    let mut r = router(12, RouteFilter::Any);
+    let i = InterfaceId(0);
+    r.add_interface(T0, i, p2p());
+    drain(&mut r, T0);
+    // Many requests for prefixes we know nothing about, without a Hello.
+    let reqs: Vec<Tlv> = (0..200u16)
+        .map(|n| {
+            Tlv::RouteRequest(RouteRequest {
+                prefix: Some(
+                    Prefix::new(IpAddr::V6(Ipv6Addr::new(0x2001, n, 0, 0, 0, 0, 0, 0)), 32)
+                        .unwrap(),
+                ),
+            })
+        })
+        .collect();
+    r.handle_packet(T0, i, addr(9), &pkt(&reqs)).unwrap();
+    assert_eq!(r.counters().output_dropped, 200 - 64);
+    let answered: usize = drain(&mut r, T0 + ms(100))
+        .iter()
+        .map(|(_, t)| t.iter().filter(|x| matches!(x, Tlv::Update(_))).count())
+        .sum();
+    assert_eq!(answered, 64);
+    assert_eq!(r.neighbours().count(), 1);
+    r.handle_timeout(T0 + Duration::from_secs(2));
+    assert_eq!(r.neighbours().count(), 0);
+}
