@@ -697,3 +697,118 @@ fn stray_neighbours_are_swept_and_unknown_requests_bounded() {
     r.handle_timeout(T0 + Duration::from_secs(2));
     assert_eq!(r.neighbours().count(), 0);
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// Arbitrary bodies (behind a valid header) from two neighbours, interleaved with timers,
+        /// never make the router panic, and it keeps producing well-formed packets.
+        #[test]
+        fn arbitrary_packets_never_panic(
+            bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..120), 1..20),
+            filter_any in any::<bool>(),
+        ) {
+            let filter = if filter_any { RouteFilter::Any } else { RouteFilter::Overlay };
+            let mut r = router(13, filter);
+            let (i, j) = (InterfaceId(0), InterfaceId(1));
+            r.add_interface(T0, i, p2p());
+            r.add_interface(T0, j, InterfaceConfig::broadcast(vec![addr(100)]));
+            bring_up(&mut r, T0, i, addr(1));
+            let mut now = T0;
+            for (n, body) in bodies.iter().enumerate() {
+                let mut p = vec![42, 2];
+                p.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+                p.extend_from_slice(body);
+                let iface = if n % 2 == 0 { i } else { j };
+                let _ = r.handle_packet(now, iface, addr(1 + (n % 3) as u16), &p);
+                now += ms(300);
+                r.handle_timeout(now);
+                for (_, tlvs) in drain(&mut r, now) {
+                    prop_assert!(!tlvs.is_empty());
+                }
+                while r.poll_event().is_some() {}
+            }
+        }
+    }
+
+    fn any_tlv() -> impl Strategy<Value = Tlv> {
+        let prefix = (0u16..4).prop_map(|n| {
+            Prefix::new(
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, n, 0, 0, 0, 0, 0)),
+                48,
+            )
+            .unwrap()
+        });
+        let metric = prop_oneof![Just(0u16), Just(50), Just(300), Just(INFINITY)];
+        prop_oneof![
+            (0u16..6).prop_map(hello),
+            Just(ihu(None)),
+            (prefix.clone(), 1u8..4, 0u16..6, metric).prop_map(|(p, r, s, m)| update(
+                p,
+                rid(r),
+                s,
+                m,
+                None
+            )),
+            (prefix.clone(), 1u8..4, 0u16..6, 1u8..5).prop_map(|(p, r, s, h)| {
+                Tlv::SeqnoRequest(SeqnoRequest {
+                    prefix: p,
+                    seqno: s,
+                    hop_count: h,
+                    router_id: rid(r),
+                })
+            }),
+            prefix.prop_map(|p| Tlv::RouteRequest(RouteRequest { prefix: Some(p) })),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(150))]
+        /// Random but well-formed Babel traffic from three neighbours on two interfaces, with
+        /// timers in between: after every step at most one route per prefix is selected, it is
+        /// feasible with a finite metric, and the FIB built from the events matches the selection.
+        #[test]
+        fn selection_invariants_hold(
+            steps in proptest::collection::vec((0u16..3, proptest::collection::vec(any_tlv(), 1..6), 0u64..1500), 1..40),
+        ) {
+            let mut r = router(14, RouteFilter::Any);
+            let mine: Prefix = "2001:db8:3::/48".parse().unwrap();
+            for i in 0..2 {
+                r.add_interface(T0, InterfaceId(i), p2p());
+            }
+            r.originate(T0, mine, None);
+            let mut fib = std::collections::BTreeMap::new();
+            let mut now = T0;
+            for (who, tlvs, wait) in steps {
+                let iface = InterfaceId(u32::from(who.min(1)));
+                let _ = r.handle_packet(now, iface, addr(who + 1), &pkt(&tlvs));
+                now += ms(wait);
+                r.handle_timeout(now);
+                drain(&mut r, now);
+                while let Some(e) = r.poll_event() {
+                    match e {
+                        Event::Install { prefix, next_hop, .. } => {
+                            fib.insert(prefix, next_hop);
+                        }
+                        Event::Uninstall { prefix, .. } => {
+                            prop_assert!(fib.remove(&prefix).is_some());
+                        }
+                        _ => {}
+                    }
+                }
+                let mut selected = std::collections::BTreeMap::new();
+                for v in r.routes() {
+                    if v.selected {
+                        prop_assert!(selected.insert(v.prefix, v.next_hop).is_none());
+                        prop_assert!(v.feasible && v.metric < INFINITY, "{v:?}");
+                    }
+                }
+                prop_assert!(!selected.contains_key(&mine));
+                prop_assert_eq!(&fib, &selected);
+            }
+        }
+    }
+}
