@@ -78,11 +78,6 @@ impl FibTable {
             .filter(|(p, _)| p.contains(ip))
             .max_by_key(|(p, _)| p.len())
     }
-
-    /// Drops every route through `endpoint` (its link went down).
-    pub fn flush_endpoint(&mut self, endpoint: SocketAddr) {
-        self.entries.retain(|_, e| e.next_hop.endpoint != endpoint);
-    }
 }
 
 impl FibSink for FibTable {
@@ -128,8 +123,9 @@ mod tests {
         let (hit, _) = t.lookup("401::1".parse().unwrap()).unwrap();
         assert_eq!(hit.len(), 7);
         assert!(t.lookup("2001:db8::1".parse().unwrap()).is_none());
-        t.flush_endpoint(entry(2, 0).next_hop.endpoint);
+        t.uninstall(p("400:1::", 64));
         assert_eq!(t.len(), 1);
+        assert_eq!(t.lookup("400:1::99".parse().unwrap()).unwrap().0.len(), 7);
         t.uninstall(p("400::", 7));
         assert!(t.is_empty());
     }
