@@ -1,9 +1,9 @@
 //! The link layer: authenticated, encrypted control channels between neighbours, as a sans-IO core.
 //!
 //! A *link* is an association with one neighbour, identified by the neighbour's static X25519 key,
-//! learnt and authenticated by a Noise XX handshake (see [`handshake`] for why XX). Over a link the
+//! learnt and authenticated by a Noise XX handshake (see `handshake.rs` for why XX). Over a link the
 //! control plane exchanges Babel packets and keepalives in LINK_DATA frames protected by the session
-//! keys (see [`session`]). Like `quinn-proto`, [`LinkLayer`] does no I/O and reads no clock: the
+//! keys (see `session.rs`). Like `quinn-proto`, [`LinkLayer`] does no I/O and reads no clock: the
 //! daemon feeds it datagrams and the time, and drains datagrams, events and the next deadline.
 //!
 //! Lifecycle rules (WireGuard's constants): a session is rekeyed by a fresh handshake after 120 s or
@@ -15,7 +15,7 @@
 //! sides send on the one whose initiator has the lower static key.
 //!
 //! DoS bounds: LINK_INIT (the only frame that costs the responder DH work and memory) is rate-limited
-//! per source ([`ratelimit`]); at most [`LinkConfig::max_half_open`] responder handshakes are held,
+//! per source (`ratelimit.rs`); at most [`LinkConfig::max_half_open`] responder handshakes are held,
 //! the oldest evicted first; links are capped at [`LinkConfig::max_links`]; every queue is bounded.
 
 mod handshake;
@@ -683,7 +683,15 @@ impl LinkLayer {
             .links
             .get_mut(&link)
             .ok_or(LinkError::UnknownLink(link))?;
-        seal_frame(&mut self.tx, &mut self.counters, l, now, channel, payload)?;
+        seal_frame(
+            &mut self.tx,
+            &mut self.counters,
+            l,
+            None,
+            now,
+            channel,
+            payload,
+        )?;
         let wants =
             l.rekey.is_none() && l.current.wants_rekey_by_count() && now >= l.rekey_not_before;
         if wants {
@@ -718,9 +726,17 @@ impl LinkLayer {
             if expired {
                 if let Some(h) = self.remove_handshake(index) {
                     self.counters.handshake_timeouts += 1;
+                    // Unconfirmed, but the peer is linked anyway (through the other handshake
+                    // of a simultaneous open): nothing to report.
+                    let linked = match &h.step {
+                        Step::Finished { peer_key, .. } => {
+                            self.links.values().find(|l| l.peer_key == *peer_key)
+                        }
+                        _ => None,
+                    };
                     let f = Failed {
                         remote: h.remote,
-                        for_link: h.for_link,
+                        for_link: h.for_link.or(linked.map(|l| l.id)),
                         index: Some(index),
                         responder: h.is_responder(),
                     };
@@ -796,6 +812,7 @@ impl LinkLayer {
                     &mut self.tx,
                     &mut self.counters,
                     l,
+                    None,
                     now,
                     Channel::Keepalive,
                     &[],
@@ -1046,6 +1063,19 @@ impl LinkLayer {
                 return Ok(());
             }
         }
+        let mut msg2 = [0u8; MSG2_LEN];
+        let hs = match self.noise.respond(env.body, &mut msg2) {
+            Ok(hs) => hs,
+            Err(e) => {
+                self.counters.handshakes_failed += 1;
+                tracing::debug!(%from, error = %e, "LINK_INIT rejected");
+                return Err(LinkError::Handshake(match e {
+                    NoiseError::Rejected(_) => HandshakeFailure::Rejected,
+                    _ => HandshakeFailure::Internal,
+                }));
+            }
+        };
+        // Only a message 1 that Noise accepted may push out an older half-open handshake.
         while self.half_open >= self.cfg.max_half_open.max(1) {
             let oldest = self
                 .handshakes
@@ -1061,18 +1091,6 @@ impl LinkLayer {
                 None => break,
             }
         }
-        let mut msg2 = [0u8; MSG2_LEN];
-        let hs = match self.noise.respond(env.body, &mut msg2) {
-            Ok(hs) => hs,
-            Err(e) => {
-                self.counters.handshakes_failed += 1;
-                tracing::debug!(%from, error = %e, "LINK_INIT rejected");
-                return Err(LinkError::Handshake(match e {
-                    NoiseError::Rejected(_) => HandshakeFailure::Rejected,
-                    _ => HandshakeFailure::Internal,
-                }));
-            }
-        };
         let Some(index) = self.alloc_index() else {
             return Err(LinkError::Handshake(HandshakeFailure::Internal));
         };
@@ -1268,9 +1286,10 @@ impl LinkLayer {
                 return Err(LinkError::Handshake(reason));
             }
         };
-        // Confirm at once: the initiator keeps its old session (or stays down) until it hears
-        // from us under the new one.
-        self.keepalive(now, id);
+        // Confirm at once, under the new session even if the old one stays current (simultaneous
+        // open): the initiator keeps its old session (or stays down) until it hears from us
+        // under the new one.
+        self.keepalive(now, id, env.receiver);
         Ok(())
     }
 
@@ -1282,23 +1301,26 @@ impl LinkLayer {
         };
         let ours = self
             .links
-            .get(&id)
-            .is_some_and(|l| l.current.local_index == index && !l.current.we_initiated);
+            .get_mut(&id)
+            .and_then(|l| l.session_mut(index))
+            .is_some_and(|s| !s.we_initiated);
         if !ours {
             self.counters.handshake_unexpected += 1;
             return Err(LinkError::UnexpectedHandshake);
         }
         self.counters.handshake_retransmits += 1;
-        self.keepalive(now, id);
+        self.keepalive(now, id, index);
         Ok(())
     }
 
-    fn keepalive(&mut self, now: Instant, id: LinkId) {
+    /// Sends a KEEPALIVE under the session with our index `index` (current or previous).
+    fn keepalive(&mut self, now: Instant, id: LinkId, index: u32) {
         if let Some(l) = self.links.get_mut(&id) {
             let sent = seal_frame(
                 &mut self.tx,
                 &mut self.counters,
                 l,
+                Some(index),
                 now,
                 Channel::Keepalive,
                 &[],
@@ -1364,9 +1386,7 @@ impl LinkLayer {
             else {
                 return Err(LinkError::UnknownIndex(index));
             };
-            let mut session = *session;
-            session.confirmed = true;
-            let id = match self.establish(now, from, peer_key, session) {
+            let id = match self.establish(now, from, peer_key, *session) {
                 Ok(id) => id,
                 Err(reason) => {
                     let f = Failed {
@@ -1564,11 +1584,13 @@ fn open(
     }
 }
 
-/// Seals one LINK_DATA frame under the link's current session into the transmit queue.
+/// Seals one LINK_DATA frame into the transmit queue, under the link's current session or, with
+/// `index`, under the session with that local index.
 fn seal_frame(
     tx: &mut TxQueue,
     counters: &mut LinkCounters,
     l: &mut Link,
+    index: Option<u32>,
     now: Instant,
     channel: Channel,
     payload: &[u8],
@@ -1578,14 +1600,18 @@ fn seal_frame(
         .ok()
         .filter(|_| HEADER_LEN + body_len <= MAX_DATAGRAM)
         .ok_or(LinkError::PayloadTooLarge(payload.len()))?;
-    if !l.current.usable(now) {
+    let remote = l.remote;
+    let s = match index {
+        None => &mut l.current,
+        Some(i) => l.session_mut(i).ok_or(LinkError::UnknownIndex(i))?,
+    };
+    if !s.usable(now) {
         return Err(LinkError::SessionExpired);
     }
     let Some(mut b) = tx.buffer() else {
         counters.tx_queue_full += 1;
         return Err(LinkError::QueueFull);
     };
-    let s = &mut l.current;
     let repr = Repr {
         frame_type: ControlType::LinkData,
         sender_index: 0,
@@ -1614,6 +1640,6 @@ fn seal_frame(
     }
     l.last_tx = now;
     l.tx_bytes += b.len() as u64;
-    tx.queue.push_back((l.remote, b));
+    tx.queue.push_back((remote, b));
     Ok(())
 }

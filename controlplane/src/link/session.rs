@@ -128,8 +128,6 @@ pub(crate) struct Session {
     pub(crate) created: Instant,
     /// When this node sent or received message 1 of that handshake.
     pub(crate) handshake_started: Instant,
-    /// Has the peer sent anything under this session (proof that it holds the keys)?
-    pub(crate) confirmed: bool,
     send_key: LessSafeKey,
     recv_key: LessSafeKey,
     send_counter: u64,
@@ -175,8 +173,6 @@ impl Session {
             we_initiated,
             created: now,
             handshake_started: now,
-            // The initiator learns that the responder holds the keys only when something arrives.
-            confirmed: !we_initiated,
             send_key: LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, send).ok()?),
             recv_key: LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, recv).ok()?),
             send_counter: 0,

@@ -939,3 +939,46 @@ fn rekey_by_message_count() {
     }
     assert_eq!(w.send(0, la, b"x"), Err(LinkError::SessionExpired));
 }
+
+#[test]
+fn simultaneous_open_with_late_message_3() {
+    // The node with the lower key (L) completes its handshake first; the higher one's (H) message
+    // 3 is lost once and arrives a second later, when L's session is already up on both sides.
+    let (l, h) = if public(secret(1)) < public(secret(2)) {
+        (1, 2)
+    } else {
+        (2, 1)
+    };
+    let mut w = World::new();
+    w.add(World::cfg(l), addr(l, 9651));
+    w.add(World::cfg(h), addr(h, 9651));
+    let h_addr = addr(h, 9651);
+    let mut dropped = false;
+    w.filter = Box::new(move |from, _, d| {
+        if !dropped && from == h_addr && d.first() == Some(&LINK_FINISH) {
+            dropped = true;
+            return false;
+        }
+        true
+    });
+    w.connect(0, 1);
+    w.connect(1, 0);
+    w.run_for(Duration::from_secs(15));
+    for i in 0..2 {
+        assert_eq!(w.ups(i).len(), 1, "node {i}: {:?}", w.nodes[i].events);
+        assert!(
+            w.failures(i).is_empty(),
+            "node {i}: {:?}",
+            w.nodes[i].events
+        );
+        assert!(w.downs(i).is_empty());
+        assert_eq!(w.nodes[i].ll.counters().handshakes_completed, 2);
+        assert_eq!(w.nodes[i].ll.counters().handshake_unexpected, 0);
+        assert_eq!(w.nodes[i].ll.counters().handshake_timeouts, 0);
+    }
+    let a = &w.nodes[0].ll.links[&w.only_link(0).id];
+    let b = &w.nodes[1].ll.links[&w.only_link(1).id];
+    assert_eq!(a.current.local_index, b.current.remote_index);
+    // L's handshake won: node 0 (L) initiated the session both send on.
+    assert!(a.current.we_initiated);
+}
