@@ -13,10 +13,10 @@
 //! and `filter` (which prefixes are believed).
 //!
 //! # Memory
-//! Every table is bounded: routes by [`RouterConfig::max_routes`] (about 60 bytes per prefix plus
-//! 96 per route), neighbours by [`RouterConfig::max_neighbours`] (about 160 bytes each, plus a
-//! unicast buffer while output to it is pending), sources by the routes we announce (~90 bytes
-//! each), pending seqno requests by [`MAX_PENDING_REQUESTS`]. Output is buffered per destination as
+//! Every table is bounded: routes by [`RouterConfig::max_routes`] (about 80 bytes per prefix plus
+//! 112 per route), neighbours by [`RouterConfig::max_neighbours`] (168 bytes each, plus a unicast
+//! buffer while output to it is pending), sources by the routes we announce (64 bytes each),
+//! pending seqno requests by [`MAX_PENDING_REQUESTS`]. Output is buffered per destination as
 //! *state*, not bytes: a set of prefixes whose current route is written when the packet is built,
 //! so a buffer never holds more than one entry per prefix, and a bounded number of requests and
 //! acks (excess is dropped and counted, as a lossy link would). Events are level-triggered: a set

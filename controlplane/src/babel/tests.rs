@@ -812,3 +812,16 @@ mod prop {
         }
     }
 }
+
+/// The per-entry sizes docs/babel.md and the module docs quote.
+#[test]
+fn memory_per_entry_is_as_documented() {
+    use std::mem::size_of;
+    let route = size_of::<route::Route>();
+    let neighbour = size_of::<neighbour::Neighbour>() + size_of::<NeighbourKey>();
+    let source = size_of::<source::Source>() + size_of::<(Prefix, RouterId)>();
+    println!("route {route} B, neighbour {neighbour} B, source {source} B");
+    assert!(route <= 128, "route {route}");
+    assert!(neighbour <= 192, "neighbour {neighbour}");
+    assert!(source <= 64, "source {source}");
+}
