@@ -62,9 +62,8 @@ const METRIC_TRIGGER: u16 = 128;
 /// A link cost change of at least this much makes the routes through the link be re-examined.
 const COST_RESELECT_DELTA: u16 = 16;
 
-/// Router-wide settings.
+/// Router-wide settings. Start from [`RouterConfig::new`] and change fields as needed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct RouterConfig {
     /// Our router-id (§3.2.2). Build it with [`router_id`]: 4 stable bytes from the node key and 4
     /// random bytes per start, so a restarted node is not held back by the feasibility distances
