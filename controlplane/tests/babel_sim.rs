@@ -15,7 +15,7 @@ fn iface() -> InterfaceConfig {
     InterfaceConfig::point_to_point().with_intervals(Duration::from_secs(1), Duration::from_secs(4))
 }
 
-const CHECK: Duration = Duration::from_millis(100);
+const CHECK: Duration = Duration::from_millis(20);
 
 fn converge(sim: &mut Sim, what: &str, timeout: Duration) -> Duration {
     match sim.drive_until(timeout, CHECK, Sim::converged) {
