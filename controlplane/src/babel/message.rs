@@ -285,6 +285,7 @@ impl Router {
                         interval,
                         expires,
                         selected: false,
+                        refresh_requested: false,
                     });
             }
             Some(i) => {
@@ -298,6 +299,7 @@ impl Router {
                 };
                 r.interval = interval;
                 r.expires = expires;
+                r.refresh_requested = false;
                 if retraction {
                     r.refmetric = INFINITY;
                 } else if let Some(rid) = router_id {

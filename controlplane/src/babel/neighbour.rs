@@ -4,8 +4,8 @@
 //! plus, when timestamps are on, the RTT penalty of RFC 9616 §4 / babeld, with a floor of 1 so a
 //! zero-cost link cannot make long paths look free.
 //!
-//! Memory: a `Neighbour` is about 120 bytes plus its `BTreeMap` entry (~40 bytes) and, while it has
-//! unicast output pending, one `Buffered` (~200 bytes plus its queued prefixes).
+//! Memory: a neighbour is 168 bytes with its key, plus its `BTreeMap` slot and, while unicast
+//! output to it is pending, one `Buffered` (~200 bytes plus at most 64 requests and 16 acks).
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -2,9 +2,10 @@
 //! `selected` flag — one table, not a separate selected/fallback pair — and the selection rule of
 //! §3.6 with hysteresis.
 //!
-//! Memory: a `Route` is 96 bytes (it carries the 32-byte origin key); a prefix costs its `BTreeMap`
-//! entry (~60 bytes) plus a `Vec` of its routes, so a prefix heard from d neighbours takes about
-//! 60 + 96·d bytes (plus one source-table entry per router-id announced for it).
+//! Memory: a `Route` is 112 bytes (it carries the 32-byte origin key); a prefix costs its
+//! `BTreeMap` entry (~80 bytes with the selection snapshot) plus a `Vec` of its routes, so a prefix
+//! heard from d neighbours takes about 80 + 112·d bytes (plus one 64-byte source-table entry per
+//! router-id we announced it with).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -30,6 +31,8 @@ pub(crate) struct Route {
     pub(crate) interval: Duration,
     pub(crate) expires: Instant,
     pub(crate) selected: bool,
+    /// A Route Request for it went to the neighbour because it is about to expire.
+    pub(crate) refresh_requested: bool,
 }
 
 /// What was selected for a prefix, remembered to decide on triggered Updates (§3.7.2).
