@@ -26,8 +26,10 @@
 //! let mut cmd = std::process::Command::new("/path/to/hypha");
 //! cmd.args(["--peers", &format!("udp://{}:9651", ab.a().ipv4())]);
 //! let daemon = b.spawn("hypha-b", cmd)?;
-//! wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-//!     daemon.log().is_ok_and(|l| l.contains("listening"))
+//! daemon.wait_for_log("listening", Duration::from_secs(10))?;
+//! wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+//!     a.ping(IpAddr::V4(ab.b().ipv4()), 1, Duration::from_millis(10))
+//!         .is_ok_and(|s| s.received == 1)
 //! })?;
 //!
 //! // Rust code inside a namespace (sockets stay in it afterwards):
@@ -50,8 +52,9 @@
 //! - [`Link`] / [`LinkEnd`]: addresses and interface names of each end,
 //!   [`set_up`](Link::set_up) to cut and restore, [`set_loss`](Link::set_loss).
 //! - [`ProcHandle`]: [`pid`](ProcHandle::pid), [`kill`](ProcHandle::kill),
-//!   [`wait_exit`](ProcHandle::wait_exit), [`stop`](ProcHandle::stop), [`log`](ProcHandle::log).
-//! - [`Relay`], [`wait_until`], [`parse_ping`], [`ensure_bpffs`].
+//!   [`wait_exit`](ProcHandle::wait_exit), [`wait_for_log`](ProcHandle::wait_for_log),
+//!   [`stop`](ProcHandle::stop), [`log`](ProcHandle::log).
+//! - [`Relay`], [`wait_until`], [`retry_interrupted`], [`parse_ping`], [`ensure_bpffs`].
 //!
 //! ## Names
 //! Every kernel object gets the net's [`tag`](TestNet::tag), `hy<pid base36>-<counter base36>`
@@ -225,6 +228,14 @@ fn owned_by(name: &str, tag: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(['-', '_']))
 }
 
+/// `ip netns add`, one at a time per process: the first call on a fresh machine sets up the
+/// shared `/run/netns` mount, and two first calls racing could stack two such mounts.
+fn add_netns(name: &str) -> Result<()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    ns::host_ok(["ip", "netns", "add", name]).map(drop)
+}
+
 fn netns_names() -> Result<Vec<String>> {
     match std::fs::read_dir(ns::NETNS_DIR) {
         Ok(dir) => Ok(dir
@@ -341,25 +352,22 @@ impl TestNet {
             state.node_names.push(name.to_string());
             state.namespaces.push(netns.clone());
         }
-        ns::host_ok(["ip", "netns", "add", &netns])?;
+        add_netns(&netns)?;
         let node = Node {
             shared: self.shared.clone(),
             name: name.to_string(),
             netns,
         };
         ns::host_ok(["ip", "-n", &node.netns, "link", "set", "lo", "up"])?;
-        for key in [
-            "net.ipv6.conf.all.accept_dad",
-            "net.ipv6.conf.default.accept_dad",
-        ] {
-            node.sysctl(key, "0")?;
-        }
-        for key in [
-            "net.ipv6.conf.all.keep_addr_on_down",
-            "net.ipv6.conf.default.keep_addr_on_down",
-        ] {
-            node.sysctl(key, "1")?;
-        }
+        node.exec_ok([
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.keep_addr_on_down=1",
+            "net.ipv6.conf.default.keep_addr_on_down=1",
+        ])?;
         Ok(node)
     }
 
@@ -465,17 +473,17 @@ impl TestNet {
             return Err(Error::NameTooLong(mx));
         }
         self.shared.lock_state().namespaces.push(middle.clone());
-        ns::host_ok(["ip", "netns", "add", &middle])?;
+        add_netns(&middle)?;
         // The middle must stay silent: no IPv6 (no router solicitations, no NDP), no addresses.
-        for key in [
-            "net.ipv6.conf.all.disable_ipv6",
-            "net.ipv6.conf.default.disable_ipv6",
-        ] {
-            let mut cmd = std::process::Command::new("sysctl");
-            cmd.args(["-q", "-w", &format!("{key}=1")]);
-            ns::command_in_netns(&mut cmd, &middle)?;
-            ns::output_ok(cmd)?;
-        }
+        let mut cmd = std::process::Command::new("sysctl");
+        cmd.args([
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
+        ns::command_in_netns(&mut cmd, &middle)?;
+        ns::output_ok(cmd)?;
         self.veth_pair(&a.netns, &a.ifname, &middle, &mx)?;
         self.veth_pair(&middle, &my, &b.netns, &b.ifname)?;
         for dev in [&mx, &my] {
@@ -674,6 +682,27 @@ pub fn wait_until(
             return Err(Error::Timeout(timeout));
         }
         std::thread::sleep(poll_interval.min(deadline - now));
+    }
+}
+
+/// Repeats `f` while it fails with [`std::io::ErrorKind::Interrupted`].
+///
+/// Blocking socket calls with a timeout (`recv_from` after `set_read_timeout`, for instance) fail
+/// with `EINTR` when the process is stopped and continued, even without signal handlers
+/// (signal(7)); on the shared test machines that happens under load. Wrap such calls in tests:
+///
+/// ```no_run
+/// # let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+/// let mut buf = [0u8; 1500];
+/// let (n, from) = hypha_testnet::retry_interrupted(|| sock.recv_from(&mut buf))?;
+/// # let _ = (n, from); Ok::<(), std::io::Error>(())
+/// ```
+pub fn retry_interrupted<T>(mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
     }
 }
 

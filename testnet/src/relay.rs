@@ -106,7 +106,9 @@ impl Relay {
         self.shared.delay
     }
 
-    /// Datagrams forwarded from clients to the target so far.
+    /// Datagrams forwarded from clients to the target so far. Counted just after each send, so a
+    /// receiver may see a datagram a moment before it is counted; read after
+    /// [`stop`](Relay::stop) for final numbers.
     pub fn forwarded_to_target(&self) -> u64 {
         self.shared.to_target.load(Ordering::Relaxed)
     }

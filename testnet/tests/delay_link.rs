@@ -55,7 +55,7 @@ fn udp_and_tcp_cross_a_delayed_link_intact() {
     let payload: Vec<u8> = (0..1200u32).map(|i| (i * 7) as u8).collect();
     tx.send_to(&payload, rx_addr).unwrap();
     let mut buf = vec![0u8; 2048];
-    let (n, _) = rx.recv_from(&mut buf).unwrap();
+    let (n, _) = hypha_testnet::retry_interrupted(|| rx.recv_from(&mut buf)).unwrap();
     assert_eq!(&buf[..n], &payload[..]);
 
     // TCP: 4 MiB in large writes, so GSO super-packets cross the bridge.
@@ -67,7 +67,7 @@ fn udp_and_tcp_cross_a_delayed_link_intact() {
     let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let expected = data.clone();
     let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
+        let (mut conn, _) = hypha_testnet::retry_interrupted(|| listener.accept()).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         let mut got = Vec::new();

@@ -75,6 +75,20 @@ fn spawned_processes_log_exit_and_die_by_signal() {
     // Signalling a reaped process is a no-op, never a stranger.
     sleeper.kill(Signal::SIGKILL).unwrap();
 
+    // Waiting for a log line: found, or the process ended first.
+    let talker = a
+        .spawn_args("talker", ["sh", "-c", "sleep 0.2; echo ready; sleep 1000"])
+        .unwrap();
+    talker
+        .wait_for_log("ready", Duration::from_secs(10))
+        .unwrap();
+    talker.stop().unwrap();
+    let quitter = a.spawn_args("quitter", ["sh", "-c", "exit 7"]).unwrap();
+    match quitter.wait_for_log("never", Duration::from_secs(10)) {
+        Err(Error::Exited { exit, .. }) => assert_eq!(exit, ProcExit::Code(7)),
+        other => panic!("expected Exited, got {other:?}"),
+    }
+
     // Two processes with the same name get separate logs.
     let again = a.spawn_args("echo", ["true"]).unwrap();
     assert_ne!(again.log_path(), echo.log_path());
@@ -152,7 +166,7 @@ fn run_in_uses_the_nodes_addresses() {
     })
     .unwrap();
     let mut buf = [0u8; 8];
-    let (n, from) = rx.recv_from(&mut buf).unwrap();
+    let (n, from) = hypha_testnet::retry_interrupted(|| rx.recv_from(&mut buf)).unwrap();
     assert_eq!(&buf[..n], b"hi");
     assert_eq!(from.ip(), IpAddr::V4(ab.b().ipv4()));
     // A panic inside run_in reaches the caller.

@@ -58,7 +58,7 @@ fn relay_adds_its_delay_both_ways_and_keeps_order() {
     for i in 0u8..5 {
         let start = Instant::now();
         sock.send_to(&[i], relay.local_addr()).unwrap();
-        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        let (n, from) = hypha_testnet::retry_interrupted(|| sock.recv_from(&mut buf)).unwrap();
         let rtt = start.elapsed();
         assert_eq!((&buf[..n], from), (&[i][..], relay.local_addr()));
         assert!(rtt >= 2 * delay, "round trip {rtt:?} < 2 × {delay:?}");
@@ -69,14 +69,14 @@ fn relay_adds_its_delay_both_ways_and_keeps_order() {
         sock.send_to(&i.to_be_bytes(), relay.local_addr()).unwrap();
     }
     for i in 0u32..200 {
-        let (n, _) = sock.recv_from(&mut buf).unwrap();
+        let (n, _) = hypha_testnet::retry_interrupted(|| sock.recv_from(&mut buf)).unwrap();
         assert_eq!(&buf[..n], &i.to_be_bytes(), "datagram {i} out of order");
     }
+    // The counters are bumped just after each send; stopping joins the thread, so they are final.
+    relay.stop();
     assert_eq!(relay.forwarded_to_target(), 205);
     assert_eq!(relay.forwarded_to_clients(), 205);
     assert_eq!(relay.dropped(), 0);
-
-    relay.stop();
     stop.store(true, Ordering::Relaxed);
     echo_thread.join().unwrap();
 }
@@ -101,9 +101,9 @@ fn relay_keeps_clients_apart() {
     for round in 0u8..10 {
         one.send_to(&[1, round], to).unwrap();
         two.send_to(&[2, round], to).unwrap();
-        let (n, _) = one.recv_from(&mut buf).unwrap();
+        let (n, _) = hypha_testnet::retry_interrupted(|| one.recv_from(&mut buf)).unwrap();
         assert_eq!(&buf[..n], &[1, round]);
-        let (n, _) = two.recv_from(&mut buf).unwrap();
+        let (n, _) = hypha_testnet::retry_interrupted(|| two.recv_from(&mut buf)).unwrap();
         assert_eq!(&buf[..n], &[2, round]);
     }
     stop.store(true, Ordering::Relaxed);

@@ -102,6 +102,10 @@ const _: () = assert!(core::mem::size_of::<Header>() <= DOWN_CONTROL_OFFSET);
 /// | 256    | consumer_sleeping | consumer sets, producer clears     |
 /// | 384    | producer_sleeping | producer sets, consumer clears     |
 ///
+/// `consumer_sleeping` is 0 or 1. `producer_sleeping` is 0, or one more than the tail position at
+/// which the sleeping producer wants its wakeup (it sleeps only when the ring is full and asks to
+/// be woken once a quarter of the ring is free).
+///
 /// `head` and `tail` are free-running counters of records written and read; the slot of
 /// position `p` is `p mod capacity`, the ring is full when `head - tail == capacity`.
 ///
@@ -124,7 +128,8 @@ pub struct RingControl {
     /// Non-zero while the consumer is (about to be) asleep on the data eventfd.
     pub consumer_sleeping: AtomicU64,
     _p2: [u8; 120],
-    /// Non-zero while the producer is (about to be) asleep on the space eventfd.
+    /// Non-zero while the producer is (about to be) asleep on the space eventfd: the tail
+    /// position plus one at which it wants to be woken.
     pub producer_sleeping: AtomicU64,
     _p3: [u8; 120],
 }

@@ -14,8 +14,11 @@
 //! * **Restarts are visible.** Each producer start bumps the ring's epoch and stamps every record
 //!   with it; [`Consumer::poll_epoch`] reports the change, so the dataplane can keep forwarding on
 //!   its old state until a full replay (bracketed by [`Resync`] records) has arrived.
-//! * **The other process is not trusted with our memory safety.** Header, ring positions and
-//!   records are all validated; a bad region is a [`ShmError`], a bad record a [`DecodeError`].
+//! * **The other process's bytes are outside input.** Header, ring positions and records are all
+//!   validated; a bad region is a [`ShmError`], a bad record a [`DecodeError`]. Records are copied
+//!   out of their slot before they are checked, so they cannot change under the decoder. What the
+//!   protocol cannot defend against is the other process writing a slot it has handed over; that
+//!   process is our own supervised binary, and the worst it can do is feed us bytes we check.
 //!
 //! ## Passing the region to the dataplane
 //!

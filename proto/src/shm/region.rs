@@ -42,7 +42,7 @@ pub enum Role {
 pub struct FdNumbers {
     /// The memfd.
     pub memfd: RawFd,
-    /// Eventfds: down data, down space, up data, up space (see [`event_index`]).
+    /// Eventfds: down data, down space, up data, up space.
     pub events: [RawFd; 4],
 }
 

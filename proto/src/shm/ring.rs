@@ -10,6 +10,10 @@
 //! SeqCst fence and re-checks the ring before blocking; the waker publishes its position, issues
 //! a SeqCst fence and checks the flag. The fences guarantee that at least one of them sees the
 //! other's write, so a wakeup is never lost, and the eventfd is written only when someone sleeps.
+//! A sleeping producer stores in its flag the tail position (plus one) at which it wants to be
+//! woken, a quarter ring after the position that frees its slot, so the consumer does not pay a
+//! system call per record while the producer is ahead. A wakeup can be spurious (the sleeper saw the data in its re-check and did not sleep, leaving a
+//! count in the eventfd), so every sleeper re-checks the ring and sleeps again until its deadline.
 //!
 //! The other process is outside input: positions that cannot happen (`tail > head`, more than
 //! `capacity` apart) are [`ShmError::Corrupt`], and records are decoded with full checks after
@@ -320,7 +324,8 @@ impl Producer {
 
     /// Pushes one record, waiting up to `timeout` for space while the ring is full.
     pub fn push(&mut self, record: &Record<'_>, timeout: Duration) -> Result<(), PushError> {
-        let deadline = Instant::now() + timeout;
+        // The clock is read only once the ring turns out to be full.
+        let mut deadline = None;
         loop {
             match self.try_push(record) {
                 Ok(()) => return Ok(()),
@@ -328,6 +333,7 @@ impl Producer {
                 Err(TryPushError::TooLarge(e)) => return Err(e.into()),
                 Err(TryPushError::Shm(e)) => return Err(e.into()),
             }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             self.wait_space(deadline)?;
         }
     }
@@ -340,25 +346,51 @@ impl Producer {
             }
             core::hint::spin_loop();
         }
-        let dir = self.dir;
-        let shared = self.shared.clone();
-        let ctl = shared.control(dir);
         loop {
-            ctl.producer_sleeping.store(1, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if self.has_space()? {
-                ctl.producer_sleeping.store(0, Ordering::Relaxed);
+            if !self.arm()? {
                 return Ok(());
             }
             let now = Instant::now();
             if now >= deadline {
-                ctl.producer_sleeping.store(0, Ordering::Relaxed);
+                self.disarm();
                 return Err(PushError::TimedOut);
             }
-            let fd = self.shared.event(dir, true);
-            wait_readable(fd, deadline - now)?;
-            eventfd_clear(fd);
+            wait_readable(self.space_fd(), deadline - now)?;
+            self.disarm();
         }
+    }
+
+    /// Announces that this producer is about to sleep on [`Producer::space_fd`] because the ring
+    /// is full. Returns `false` (and does not arm) if a slot is free already: don't sleep then.
+    /// After waking, call [`Producer::disarm`]. For event loops that poll the eventfd themselves.
+    ///
+    /// The wakeup comes once a quarter of the ring is free, so a producer that outruns its
+    /// consumer sleeps once per quarter ring rather than once per record.
+    pub fn arm(&mut self) -> Result<bool, ShmError> {
+        let wake_at = self.head.saturating_sub(self.capacity) + (self.capacity / 4).max(1);
+        let shared = self.shared.clone();
+        let ctl = shared.control(self.dir);
+        ctl.producer_sleeping.store(wake_at + 1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.has_space()? {
+            ctl.producer_sleeping.store(0, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Ends a sleep begun with [`Producer::arm`]: clears the flag and the eventfd.
+    pub fn disarm(&mut self) {
+        self.shared
+            .control(self.dir)
+            .producer_sleeping
+            .store(0, Ordering::Relaxed);
+        eventfd_clear(self.space_fd());
+    }
+
+    /// The "space available" eventfd of this ring (readable after the consumer woke us).
+    pub fn space_fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        self.shared.event(self.dir, true)
     }
 }
 
@@ -512,7 +544,9 @@ impl Consumer {
         let ctl = self.shared.control(self.dir);
         ctl.tail.store(self.tail, Ordering::Release);
         fence(Ordering::SeqCst);
-        if ctl.producer_sleeping.load(Ordering::Relaxed) != 0
+        let sleeping = ctl.producer_sleeping.load(Ordering::Relaxed);
+        if sleeping != 0
+            && self.tail >= sleeping - 1
             && ctl.producer_sleeping.swap(0, Ordering::AcqRel) != 0
         {
             self.wakeups += 1;
@@ -607,7 +641,8 @@ impl Consumer {
         self.shared.event(self.dir, false)
     }
 
-    /// Waits up to `timeout` for a record; returns whether one is available.
+    /// Waits up to `timeout` for a record; returns whether one is available (`false` only once
+    /// the timeout has passed: spurious eventfd wakeups are absorbed here).
     pub fn wait(&mut self, timeout: Duration) -> Result<bool, ShmError> {
         for _ in 0..SPINS {
             if self.has_data()? {
@@ -615,12 +650,22 @@ impl Consumer {
             }
             core::hint::spin_loop();
         }
-        if !self.arm()? {
-            return Ok(true);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.arm()? {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.disarm();
+                return self.has_data();
+            }
+            wait_readable(self.data_fd(), deadline - now)?;
+            self.disarm();
+            if self.has_data()? {
+                return Ok(true);
+            }
         }
-        wait_readable(self.data_fd(), timeout)?;
-        self.disarm();
-        self.has_data()
     }
 }
 
@@ -718,6 +763,47 @@ mod tests {
             .store(100, Ordering::Release);
         assert_eq!(c.available(), Err(ShmError::Corrupt { head: 100, tail: 0 }));
         assert!(r.producer(Direction::Down).is_err());
+    }
+
+    #[test]
+    fn sleeping_producer_is_woken_once_a_quarter_is_free() {
+        let r = small();
+        let mut p = r.producer(Direction::Down).unwrap();
+        let mut c = r.consumer(Direction::Down).unwrap();
+        for i in 0..8 {
+            p.try_push(&Record::PeerDown(PeerId(i))).unwrap();
+        }
+        assert!(p.arm().unwrap(), "full ring: the producer may sleep");
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (0, 0));
+        assert_eq!(c.wakeups_sent(), 0, "one free slot of eight: no wakeup yet");
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (1, 1));
+        assert_eq!(c.wakeups_sent(), 1, "a quarter free: one wakeup");
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (2, 2));
+        assert_eq!(c.wakeups_sent(), 1, "the flag was cleared by the wakeup");
+        p.disarm();
+        assert!(!p.arm().unwrap(), "free slots: no sleeping");
+        assert_eq!(p.free_slots().unwrap(), 3);
+        p.wait_space(Instant::now()).unwrap();
+    }
+
+    #[test]
+    fn stale_wakeup_does_not_end_a_wait() {
+        let r = small();
+        let mut c = r.consumer(Direction::Down).unwrap();
+        let mut p = r.producer(Direction::Down).unwrap();
+        // Armed, then a record arrives: the producer writes the eventfd...
+        assert!(c.arm().unwrap());
+        p.try_push(&Record::PeerDown(PeerId(0))).unwrap();
+        // ...but the consumer reads the record without sleeping, leaving the count behind.
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (0, 0));
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            p.try_push(&Record::PeerDown(PeerId(1))).unwrap();
+        });
+        // The stale count wakes the consumer at once; it must go back to sleep, not give up.
+        assert!(c.wait(Duration::from_secs(30)).unwrap());
+        assert_eq!(peer(c.pop().unwrap().unwrap()), (1, 1));
+        t.join().unwrap();
     }
 
     #[test]
