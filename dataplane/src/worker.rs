@@ -983,11 +983,18 @@ impl Worker {
                 let len = target.len().saturating_sub(TAILROOM) as u32;
                 let ptr = target.as_mut_ptr();
                 let index = buf.index();
+                // SAFETY: the buffer goes into `inflight` right after a successful push (moving
+                // the `PacketBuf` does not move its memory) and stays there until this read's
+                // completion.
+                let pushed =
+                    unsafe { self.ring.read(fd, ptr, len, ring::pack(Op::TunRead, index)) };
+                if let Err(e) = pushed {
+                    self.free(buf);
+                    return Err(e.into());
+                }
                 if let Some(slot) = self.inflight.get_mut(index as usize) {
                     *slot = Some(buf);
                 }
-                // SAFETY: the buffer sits in `inflight` until this read's completion.
-                unsafe { self.ring.read(fd, ptr, len, ring::pack(Op::TunRead, index)) }?;
                 self.tun_reads += 1;
             }
         }

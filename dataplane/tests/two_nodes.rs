@@ -423,6 +423,20 @@ fn three_nodes_in_a_line_with_a_transit_node() {
     })
     .expect("no ICMPv6 unreachable sent");
     assert!(counter(&a, "dropped_no_route") >= 1);
+
+    // a routes b's /64 but has no session with b: the packet waits in the no-session queue,
+    // and when no key arrives (there is no control plane) it is answered with ICMPv6
+    // unreachable after the queue timeout.
+    let queued0 = counter(&a, "queued_no_session");
+    let icmp0 = counter(&a, "icmp_sent");
+    let out = a.exec(["ping", "-n", "-c", "1", "-W", "6", B]).unwrap();
+    assert!(
+        !out.status.success(),
+        "ping to b without a session succeeded"
+    );
+    assert!(counter(&a, "queued_no_session") > queued0);
+    assert!(counter(&a, "dropped_no_session") >= 1);
+    assert!(counter(&a, "icmp_sent") > icmp0);
     eprintln!("three-node test took {:?}", t0.elapsed());
 }
 
