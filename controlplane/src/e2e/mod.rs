@@ -314,6 +314,9 @@ pub enum E2eError {
         /// The key given for it.
         key: PublicKey,
     },
+    /// `connect` to our own address.
+    #[error("no session to ourselves")]
+    OwnAddress,
     /// A local Noise failure (RNG, snow setup).
     #[error("local handshake failure: {0}")]
     Local(snow::Error),
@@ -577,6 +580,9 @@ impl SessionManager {
         dst: OverlayAddr,
         dst_key: Option<PublicKey>,
     ) -> Result<(), E2eError> {
+        if dst == self.address {
+            return Err(E2eError::OwnAddress);
+        }
         if self.pending_by_dst.contains_key(&dst) || self.has_fresh_session(now, dst) {
             return Ok(());
         }
@@ -599,6 +605,15 @@ impl SessionManager {
         }
         self.start_handshake(now, dst, key);
         Ok(())
+    }
+
+    /// Forgets every session without events, for a restarted dataplane: it lost its keys and send
+    /// counters, and installing the same keys again would reuse nonces, so sessions are made anew
+    /// (the next `connect` per destination runs a handshake). Pending handshakes and the replay
+    /// table are kept.
+    pub fn forget_sessions(&mut self) {
+        self.sessions.clear();
+        self.by_peer.clear();
     }
 
     /// The dataplane authenticated the first packet received under `local_index`: the peer has the
@@ -645,7 +660,7 @@ impl SessionManager {
                 E2eError::UnknownIndex(_) => c.unknown_index += 1,
                 E2eError::RateLimited => c.rate_limited += 1,
                 E2eError::Glare => c.glare += 1,
-                E2eError::KeyMismatch { .. } | E2eError::Local(_) => {}
+                E2eError::KeyMismatch { .. } | E2eError::OwnAddress | E2eError::Local(_) => {}
             }
             tracing::debug!(error = %e, "e2e handshake packet dropped");
         }

@@ -928,3 +928,27 @@ fn indices_unique_among_live_sessions() {
     assert_eq!(idx.len(), 19);
     assert!(!idx.contains(&0));
 }
+
+#[test]
+fn own_address_and_forget_sessions() {
+    let mut net = Net::new(&[1, 2], |_| {});
+    let (me, my_key) = (net.addr(0), net.key(0));
+    assert!(matches!(
+        net.nodes[0].connect(Instant::ZERO, me, Some(my_key)),
+        Err(E2eError::OwnAddress)
+    ));
+    net.connect(0, 1);
+    net.drive();
+    assert_eq!(installs(&net.take_events(0)).len(), 1);
+    // A restarted dataplane: the sessions are forgotten and the next connect handshakes again.
+    net.nodes[0].forget_sessions();
+    assert_eq!(net.nodes[0].sessions().count(), 0);
+    net.now = Instant::from_secs(6);
+    net.connect(0, 1);
+    net.drive();
+    assert_eq!(installs(&net.take_events(0)).len(), 1);
+    assert_eq!(
+        net.nodes[0].poll_timeout(),
+        Some(Instant::from_secs(6) + REJECT_AFTER_TIME)
+    );
+}
