@@ -952,3 +952,85 @@ fn own_address_and_forget_sessions() {
         Some(Instant::from_secs(6) + REJECT_AFTER_TIME)
     );
 }
+
+#[test]
+fn injected_resp_does_not_break_the_handshake() {
+    // An attacker who learnt the initiator's index answers first with garbage: authentication
+    // fails, the retry after REKEY_TIMEOUT completes with the real responder.
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    let captured = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let c = captured.clone();
+    net.lose = Box::new(move |from, bytes| {
+        if from == 1 {
+            c.borrow_mut().push(bytes.to_vec());
+            return true;
+        }
+        false
+    });
+    net.connect(0, 1);
+    net.drive();
+    let resp = captured.borrow()[0].clone();
+    // Same index, wrong bytes.
+    let mut forged = resp.clone();
+    forged[60] ^= 0xff;
+    let r = net.nodes[0].handle_packet(net.now, &forged);
+    assert!(matches!(r, Err(E2eError::AuthFailed(_))), "{r:?}");
+    // The genuine response now finds no handshake state: that attempt is spent.
+    let r = net.nodes[0].handle_packet(net.now, &resp);
+    assert!(matches!(r, Err(E2eError::UnknownIndex(_))), "{r:?}");
+    // Same index from another source address: unknown as well.
+    let mut moved = resp.clone();
+    moved[16..32].copy_from_slice(&net.addr(2).octets());
+    let r = net.nodes[0].handle_packet(net.now, &moved);
+    assert!(matches!(r, Err(E2eError::UnknownIndex(_))), "{r:?}");
+    net.lose = Box::new(|_, _| false);
+    net.advance(Instant::from_secs(6));
+    let (ia, ib) = (installs(&net.take_events(0)), installs(&net.take_events(1)));
+    assert_eq!(ia.len(), 1);
+    // B answered both inits; the second pairs with A's session.
+    assert_eq!(ib.len(), 2);
+    assert_paired(&ia[0], &ib[1]);
+    assert_eq!(net.nodes[0].counters().init_retries, 1);
+}
+
+#[test]
+fn rekeyed_session_never_confirmed_old_goes_at_reject_time() {
+    let mut net = Net::new(&[1, 2], |_| {});
+    net.connect(0, 1);
+    net.drive();
+    let (a0, b0) = (
+        installs(&net.take_events(0))[0],
+        installs(&net.take_events(1))[0],
+    );
+    net.nodes[0].handle_traffic(Instant::ZERO, a0.local);
+    net.nodes[1].handle_traffic(Instant::ZERO, b0.local);
+    net.advance(Instant::from_secs(120));
+    let a1 = installs(&net.take_events(0))[0];
+    assert_eq!(installs(&net.take_events(1)).len(), 1);
+    let view = |net: &Net, i: u32| net.nodes[0].sessions().find(|s| s.local_index == i);
+    assert_eq!(view(&net, a0.local).map(|v| v.retiring), Some(None));
+    assert_eq!(view(&net, a1.local).map(|v| v.confirmed), Some(false));
+    net.advance(Instant::from_secs(180));
+    assert_eq!(
+        net.take_events(0),
+        [Event::Remove {
+            local_index: a0.local
+        }]
+    );
+    assert_eq!(
+        net.take_events(1),
+        [Event::Remove {
+            local_index: b0.local
+        }]
+    );
+    assert!(view(&net, a1.local).is_some());
+    // The unconfirmed successor is not rekeyed and expires at 300 s.
+    net.advance(Instant::from_secs(300));
+    assert_eq!(
+        net.take_events(0),
+        [Event::Remove {
+            local_index: a1.local
+        }]
+    );
+    assert_eq!(net.nodes[0].counters().inits_sent, 2);
+}
