@@ -3,8 +3,8 @@
 //!
 //! Data is encrypted end to end by the dataplane; this module only makes the keys. A handshake runs
 //! between the two endpoints through the overlay, in DATA packets of kind E2E_HANDSHAKE_INIT and
-//! E2E_HANDSHAKE_RESP that transit nodes forward like any other ([`handshake`] has the messages,
-//! `docs/e2e.md` the byte layouts). Why IK: the initiator learns the responder's static key from the
+//! E2E_HANDSHAKE_RESP that transit nodes forward like any other (the private `handshake` module
+//! has the messages, `docs/e2e.md` the byte layouts). Why IK: the initiator learns the responder's static key from the
 //! route itself (the origin's key travels with its Babel update and the address must derive from
 //! it), so one round trip authenticates both ends and no directory is needed.
 //!
