@@ -1034,3 +1034,44 @@ fn rekeyed_session_never_confirmed_old_goes_at_reject_time() {
     );
     assert_eq!(net.nodes[0].counters().inits_sent, 2);
 }
+
+#[test]
+fn any_address_in_the_peers_64_reaches_the_node() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    let node = net.addr(1);
+    let mut host = node.octets();
+    host[15] ^= 0x5a;
+    host[8] ^= 0x01;
+    let host = OverlayAddr::new(core::net::Ipv6Addr::from(host)).unwrap();
+    assert_ne!(host, node);
+    // No route yet: the route request names the address asked for.
+    net.nodes[0].connect(Instant::ZERO, host, None).unwrap();
+    assert_eq!(
+        net.nodes[0].poll_event(),
+        Some(Event::NeedRoute { dst: host })
+    );
+    // A route request for another address of the same /64 is rate-limited with it.
+    net.nodes[0].connect(Instant::ZERO, node, None).unwrap();
+    assert_eq!(net.nodes[0].poll_event(), None);
+    let key = net.key(1);
+    net.nodes[0]
+        .connect(Instant::ZERO, host, Some(key))
+        .unwrap();
+    net.drive();
+    let ia = installs(&net.take_events(0));
+    assert_eq!(ia.len(), 1);
+    assert_eq!(ia[0].peer, node);
+    assert!(net.sent.iter().all(|s| s.to == node || s.to == net.addr(0)));
+    // The node's own address then finds the same session.
+    net.nodes[0]
+        .connect(Instant::ZERO, node, Some(key))
+        .unwrap();
+    net.drive();
+    assert_eq!(net.sent.len(), 2);
+    // A key owning another /64 is refused.
+    let other = net.key(2);
+    assert!(matches!(
+        net.nodes[0].connect(Instant::ZERO, host, Some(other)),
+        Err(E2eError::KeyMismatch { .. })
+    ));
+}
