@@ -728,6 +728,18 @@ impl SessionManager {
             let sent = self.pending.get(&idx).is_some_and(|p| p.hs.is_some());
             if sent {
                 if self.public_key < peer_key {
+                    // Our earlier init may have been lost: send it again as soon as the rate
+                    // limit allows rather than at the backed-off retry time.
+                    let earliest = self
+                        .last_init
+                        .get(&peer.subnet())
+                        .map_or(now, |&t| (t + REKEY_TIMEOUT).max(now));
+                    if let Some(p) = self.pending.get_mut(&idx) {
+                        p.next_send = p.next_send.min(earliest);
+                    }
+                    if earliest <= now {
+                        self.send_init(now, idx);
+                    }
                     return Err(E2eError::Glare);
                 }
                 self.cancel_pending(peer.subnet());
@@ -825,20 +837,24 @@ impl SessionManager {
         for idx in resend {
             self.send_init(now, idx);
         }
-        let mut remove = Vec::new();
-        let mut rekey = Vec::new();
-        for (&idx, s) in &self.sessions {
-            if now >= s.expires() || s.retire_at.is_some_and(|t| now >= t) {
-                remove.push(idx);
-            } else if self.rekey_due(s).is_some_and(|t| now >= t) {
-                rekey.push(idx);
-            }
-        }
+        let mut remove: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now >= s.expires() || s.retire_at.is_some_and(|t| now >= t))
+            .map(|(&i, _)| i)
+            .collect();
         remove.sort_unstable();
-        rekey.sort_unstable();
         for idx in remove {
             self.remove_session(idx);
         }
+        // After the removals: a removed newer session can make an older one due for rekey.
+        let mut rekey: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| self.rekey_due(s).is_some_and(|t| now >= t))
+            .map(|(&i, _)| i)
+            .collect();
+        rekey.sort_unstable();
         for idx in rekey {
             if let Some(s) = self.sessions.get_mut(&idx) {
                 s.rekeyed = true;
@@ -849,7 +865,9 @@ impl SessionManager {
         }
     }
 
-    /// The next deadline at which [`handle_timeout`](Self::handle_timeout) has work, if any.
+    /// The next deadline at which [`handle_timeout`](Self::handle_timeout) has work, if any. It may
+    /// lie in the past after an input other than `handle_timeout` (e.g. an eviction made an older
+    /// session due for rekey): call `handle_timeout` at once then.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let pending = self
             .pending
