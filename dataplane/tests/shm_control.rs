@@ -278,6 +278,19 @@ fn control_plane_over_shm() {
     }
     assert!(saw_counters, "no counters event with punts");
 
+    // The control plane "restarts": its producer goes away and a new one (a new epoch) takes
+    // over. Nothing changes in the dataplane until the new producer's replay is complete.
+    let old_epoch = down.epoch();
+    drop(down);
+    std::thread::sleep(Duration::from_millis(300));
+    let s = stats(&b).unwrap();
+    assert_eq!(
+        (s["routes"].as_u64(), s["sessions"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let mut down = region.producer(shm::Direction::Down).unwrap();
+    assert_ne!(down.epoch(), old_epoch);
+
     // Resync: the replay mentions only a route to c via a new peer; the old route, peer and
     // session go, the new ones stay.
     push(&mut down, &Record::Resync(Resync::Begin { generation: 1 }));
