@@ -125,6 +125,16 @@ const GSO_MAX_SEGMENTS: usize = 64;
 /// Bytes per GSO send at most (one UDP datagram's worth, less headers).
 const GSO_MAX_BYTES: usize = 65_000;
 
+/// Transit datagrams of one received buffer going to one next hop, back to back.
+struct FwdBatch {
+    peer: PeerAddr,
+    start: usize,
+    end: usize,
+    /// Size of each datagram but the last.
+    seg: usize,
+    count: usize,
+}
+
 struct Pending {
     prefix: u64,
     dst: Ipv6Addr,
@@ -672,7 +682,6 @@ impl Worker {
     /// address, control messages, datagram or GRO-coalesced datagrams).
     fn handle_udp_buffer(&mut self, t: &Tables<'_>, mut buf: PacketBuf, len: usize) {
         self.to_tun.clear();
-        let index = buf.index();
         buf.reset(0);
         if buf.set_len(len).is_err() {
             return self.free(buf);
@@ -695,6 +704,7 @@ impl Worker {
             0,
         )));
         let seg_size = gso.unwrap_or(payload_len).max(1);
+        let mut fwd: Option<FwdBatch> = None;
         let mut off = RECV_PAYLOAD_OFFSET;
         let end = RECV_PAYLOAD_OFFSET + payload_len;
         while off < end {
@@ -739,21 +749,89 @@ impl Worker {
                     );
                 }
                 Inbound::Forward(peer) => {
-                    let ptr = seg.as_ptr();
-                    if self.submit_slot(Op::UdpSend, self.udp, index, ptr, seg_len, Some(&peer)) {
-                        self.count(Counter::forwarded);
-                    } else {
-                        self.count(Counter::dropped_backpressure);
+                    // Consecutive GRO segments to one next hop leave as one GSO send: they are
+                    // already contiguous, equal-sized and rewritten in place.
+                    match &mut fwd {
+                        Some(f) if f.peer == peer && f.end == off && f.seg == seg_len => {
+                            f.end += seg_len;
+                            f.count += 1;
+                        }
+                        Some(f) if f.peer == peer && f.end == off && seg_len < f.seg => {
+                            // A shorter last segment ends the batch.
+                            f.end += seg_len;
+                            f.count += 1;
+                            let done = fwd.take();
+                            self.forward_batch(&buf, done);
+                        }
+                        _ => {
+                            let done = fwd.take();
+                            self.forward_batch(&buf, done);
+                            fwd = Some(FwdBatch {
+                                peer,
+                                start: off,
+                                end: off + seg_len,
+                                seg: seg_len,
+                                count: 1,
+                            });
+                        }
                     }
                 }
                 Inbound::Drop(c) => self.count(c),
             }
             off += seg_len;
         }
+        let done = fwd.take();
+        self.forward_batch(&buf, done);
         if !self.to_tun.is_empty() {
             self.write_to_tun(&mut buf);
         }
         self.park(buf);
+    }
+
+    /// Sends a batch of transit datagrams lying back to back in `buf` (one GSO send).
+    fn forward_batch(&mut self, buf: &PacketBuf, batch: Option<FwdBatch>) {
+        let Some(f) = batch else {
+            return;
+        };
+        let Some(bytes) = buf.data().get(f.start..f.end) else {
+            return;
+        };
+        let gso = if f.count > 1 && self.udp_gso {
+            u16::try_from(f.seg).unwrap_or(0)
+        } else {
+            0
+        };
+        let sent = if gso > 0 || f.count == 1 {
+            self.submit_slot_gso(
+                Op::UdpSend,
+                self.udp,
+                buf.index(),
+                bytes.as_ptr(),
+                bytes.len(),
+                Some(&f.peer),
+                gso,
+            )
+        } else {
+            // No GSO: one send per datagram.
+            let mut all = true;
+            for chunk in bytes.chunks(f.seg) {
+                all &= self.submit_slot(
+                    Op::UdpSend,
+                    self.udp,
+                    buf.index(),
+                    chunk.as_ptr(),
+                    chunk.len(),
+                    Some(&f.peer),
+                );
+            }
+            all
+        };
+        if sent {
+            self.counters().add(Counter::forwarded, f.count as u64);
+        } else {
+            self.counters()
+                .add(Counter::dropped_backpressure, f.count as u64);
+        }
     }
 
     /// Writes the decrypted packets listed in `to_tun` (offsets into `buf`): runs of one TCP

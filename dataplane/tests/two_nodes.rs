@@ -412,6 +412,12 @@ fn three_nodes_in_a_line_with_a_transit_node() {
     assert_eq!(counter(&b, "delivered"), 0);
     assert!(counter(&c, "delivered") >= 18);
 
+    // TCP through the transit node (GRO batches forwarded as GSO sends).
+    let (bytes, bps) = iperf(&net, &c, &a, C, 2, 1);
+    eprintln!("iperf3 a->c via b: {bytes} bytes, {:.2} Gbit/s", bps / 1e9);
+    assert!(bytes > 1_000_000, "iperf3 a->c moved only {bytes} bytes");
+    assert_eq!(counter(&b, "dropped_malformed"), 0);
+
     // No route from a to an unknown overlay /64: ICMPv6 unreachable from a's dataplane, so ping
     // fails fast with an error instead of timing out silently.
     let out = a
