@@ -71,6 +71,8 @@ fn session_receive(c: &mut Criterion) {
             send_key: [1; 32],
             recv_key: [1; 32],
             initiator: true,
+            send_counter: 0,
+            replay_base: 0,
         };
         let session = Session::new(&params, Instant::ZERO).unwrap_or_else(|e| panic!("{e}"));
         let now = Instant::from_secs(1);

@@ -8,8 +8,9 @@
 //! - `miss`: addresses outside every route (the probe that ends in "no route").
 //!
 //! Updates: `FibUpdater::apply` of a batch that adds N new routes, then of a batch that removes them
-//! again (each iteration publishes two snapshots). `reuse`: no reader holds an old snapshot, so the
-//! updater patches its spare copy; `copy`: a reader holds every snapshot, forcing a full clone.
+//! again (each iteration publishes two snapshots). `free`: no reader holds an old snapshot, so the
+//! updater may patch its spare copy (it still copies when a batch is over 1/16 of the table);
+//! `held`: a reader holds the last two snapshots, forcing a full clone every time.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -127,17 +128,17 @@ fn updates(c: &mut Criterion) {
                 .collect();
             // Two published batches per iteration, each of `batch` updates.
             group.throughput(Throughput::Elements(2 * batch as u64));
-            for mode in ["reuse", "copy"] {
+            for mode in ["free", "held"] {
                 let (mut updater, handle) = FibUpdater::with_fib(fib_with(&uppers));
                 let mut held = Vec::new();
                 group.bench_function(BenchmarkId::new(format!("{mode}/batch{batch}"), n), |b| {
                     b.iter(|| {
                         updater.apply(&adds);
-                        if mode == "copy" {
+                        if mode == "held" {
                             held.push(handle.load_full());
                         }
                         updater.apply(&removes);
-                        if mode == "copy" {
+                        if mode == "held" {
                             held.push(handle.load_full());
                             // Keep only the latest two so memory stays bounded; the updater's
                             // spare is always among the held ones, so it must copy.

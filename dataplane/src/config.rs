@@ -84,7 +84,7 @@ struct RawRoute {
     prefix: String,
     peer: PeerId,
     #[serde(default)]
-    metric: u16,
+    metric: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +162,8 @@ impl StaticConfig {
                     send_key: key(&s.tx_key, "tx_key")?,
                     recv_key: key(&s.rx_key, "rx_key")?,
                     initiator: false,
+                    send_counter: 0,
+                    replay_base: 0,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;

@@ -46,6 +46,12 @@ use crate::xdp::XdpFastPath;
 
 /// How often counters go up the ring and expired sessions are removed.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How often static sessions are renewed (well inside REJECT_AFTER_TIME).
+pub const STATIC_RENEW: Duration = Duration::from_secs(60);
+/// How far a renewed static session's send counter jumps past the old one's: more than the
+/// workers can reserve between reading the old counter and publishing the new session, so no
+/// nonce is ever used twice under the same key.
+pub const STATIC_COUNTER_GAP: u64 = 1 << 24;
 
 #[derive(Debug, Default)]
 struct Staging {
@@ -69,6 +75,9 @@ pub struct Control {
     scratch: PacketPool,
     batch: Vec<RouteUpdate>,
     stats: Option<TcpListener>,
+    /// Static sessions to renew, and when they were last renewed.
+    static_sessions: Vec<SessionParams>,
+    renewed: Instant,
     xdp: Option<XdpFastPath>,
     /// The FIB or peer set changed since the XDP maps were last synced.
     xdp_dirty: bool,
@@ -112,6 +121,8 @@ impl Control {
             }),
             batch: Vec::new(),
             stats: None,
+            static_sessions: Vec::new(),
+            renewed: Instant::from_micros(0),
             xdp: None,
             xdp_dirty: false,
         }
@@ -188,6 +199,8 @@ impl Control {
             self.shared.sessions.insert(Arc::new(s), true);
             self.installed.insert(params.local_index);
         }
+        self.static_sessions = cfg.sessions.clone();
+        self.renewed = now;
         self.xdp_dirty = true;
         self.sync_xdp();
         tracing::info!(
@@ -229,7 +242,7 @@ impl Control {
                         continue;
                     };
                     let peer = self.dense_peer(e.next_hop());
-                    let metric = u16::try_from(e.metric()).unwrap_or(u16::MAX);
+                    let metric = e.metric();
                     self.batch
                         .push(RouteUpdate::Add(prefix, NextHop { peer, metric }));
                     if let Some(s) = &mut self.staging {
@@ -326,6 +339,10 @@ impl Control {
             send_key: tx.key,
             recv_key: rx.key,
             initiator: false,
+            // A re-installed key (a restarted dataplane getting a full replay) continues where
+            // the control plane says: never reuse a nonce, never accept an old counter again.
+            send_counter: tx.counter,
+            replay_base: rx.counter,
         };
         match Session::new(&params, self.shared.clock.now()) {
             Ok(s) => {
@@ -482,6 +499,31 @@ impl Control {
         let _ = self.scratch.free(buf);
     }
 
+    /// Static mode has no handshakes, so sessions would hit REJECT_AFTER_TIME: every
+    /// [`STATIC_RENEW`] each is replaced by a fresh one with the same keys, its send counter
+    /// [`STATIC_COUNTER_GAP`] past the old one and its replay window starting above the highest
+    /// counter received (so nothing old can be replayed into the new one).
+    fn renew_static(&mut self, now: Instant) {
+        self.renewed = now;
+        let current = self.shared.sessions.load();
+        let mut renewed = Vec::with_capacity(self.static_sessions.len());
+        for params in &self.static_sessions {
+            let mut p = params.clone();
+            if let Some(old) = current.get(params.local_index) {
+                p.send_counter = old.sent().saturating_add(STATIC_COUNTER_GAP);
+                p.replay_base = old.highest_received().map_or(0, |h| h.saturating_add(1));
+            }
+            if let Ok(s) = Session::new(&p, now) {
+                renewed.push(Arc::new(s));
+            }
+        }
+        drop(current);
+        for s in renewed {
+            self.shared.sessions.insert(s, true);
+        }
+        tracing::debug!("static sessions renewed");
+    }
+
     /// Periodic work: counters up the ring, expired sessions out, stats requests answered.
     pub fn housekeeping(&mut self, now: Instant, publish: bool) {
         if publish {
@@ -491,6 +533,11 @@ impl Control {
                     let e = Record::Event(Event::Counters(snap.to_shm(i as u32)));
                     self.shared.punt(self.counters(), &e);
                 }
+            }
+            if !self.static_sessions.is_empty()
+                && now.saturating_duration_since(self.renewed) >= STATIC_RENEW
+            {
+                self.renew_static(now);
             }
             let expired = self.shared.sessions.remove_expired(now);
             if expired > 0 {

@@ -20,7 +20,7 @@ use crate::fib::Fib;
 use crate::icmp::ipv6_addrs;
 use crate::pool::PacketBuf;
 use crate::session::{SessionError, SessionSet, TAG_LEN};
-use crate::state::{upper64, upper64_octets, PeerAddr, PeerTable};
+use crate::state::{upper64, PeerAddr, PeerTable};
 
 /// The hop limit a locally originated data packet starts with.
 pub const INITIAL_HOP_LIMIT: u8 = 64;
@@ -88,6 +88,47 @@ pub fn outbound(t: &Tables<'_>, buf: &mut PacketBuf) -> Outbound {
         Ok(()) => Outbound::Send(*peer),
         Err(c) => Outbound::Drop(c),
     }
+}
+
+/// The next hop and session for a locally originated packet to `dst`, or what to do instead.
+pub fn route<'t>(
+    t: &'t Tables<'_>,
+    dst: &Ipv6Addr,
+) -> Result<(PeerAddr, &'t std::sync::Arc<crate::session::Session>), Outbound> {
+    let dst_prefix = upper64(dst);
+    if dst_prefix == t.prefix {
+        return Err(Outbound::Drop(Counter::dropped_malformed));
+    }
+    let Some(hop) = t.fib.lookup(dst) else {
+        return Err(Outbound::NoRoute(*dst));
+    };
+    let Some(session) = t.sessions.for_dest(dst_prefix) else {
+        return Err(Outbound::NoSession(*dst));
+    };
+    let Some(peer) = t.peers.get(hop.peer) else {
+        return Err(Outbound::Drop(Counter::dropped_no_peer));
+    };
+    Ok((*peer, session))
+}
+
+/// Seals one datagram laid out in `dgram`: the header `repr` is written into the first 48 bytes,
+/// `dgram[48..48 + plain_len]` (inner type byte first) is encrypted in place and the tag written
+/// behind it. Returns the datagram length.
+pub fn seal_slice(
+    session: &crate::session::Session,
+    repr: &Repr,
+    dgram: &mut [u8],
+    plain_len: usize,
+) -> Option<usize> {
+    let (hdr, rest) = dgram.split_at_mut_checked(HEADER_LEN)?;
+    let mut packet = Packet::new_unchecked(&mut *hdr);
+    repr.emit(&mut packet);
+    let mut aad = [0u8; HEADER_LEN];
+    packet.aad(&mut aad);
+    session
+        .seal_in_place_append(repr.counter, &aad, rest, plain_len)
+        .ok()
+        .map(|n| HEADER_LEN + n)
 }
 
 /// Prepends the inner type byte (IPv6) and the data header `repr`, and seals the payload in place
@@ -245,12 +286,15 @@ fn transit(t: &Tables<'_>, packet: &mut Packet<&mut [u8]>, dst: &Ipv6Addr) -> In
     }
 }
 
-/// The destination /64 of a data frame (for routing a control-plane packet), if it is one.
+/// The destination and kind of a DATA frame the control plane wants sent. A TRANSPORT frame from
+/// the control plane carries plaintext without a tag yet, so only the header is checked.
 pub fn data_dst(bytes: &[u8]) -> Option<(Ipv6Addr, Kind)> {
-    let packet = data::Packet::new_checked(bytes).ok()?;
-    let dst = packet.dst_addr();
-    let _ = upper64_octets(&dst.octets())?;
-    Some((dst, packet.kind().ok()?))
+    let header = bytes.get(..HEADER_LEN)?;
+    if FrameType::of(header).ok()? != FrameType::Data {
+        return None;
+    }
+    let packet = data::Packet::new_unchecked(header);
+    Some((packet.dst_addr(), packet.kind().ok()?))
 }
 
 #[cfg(test)]
@@ -308,6 +352,8 @@ mod tests {
                 send_key: send,
                 recv_key: recv,
                 initiator: false,
+                send_counter: 0,
+                replay_base: 0,
             };
             sessions.insert(Arc::new(Session::new(&params, now).unwrap()), true);
             let fib = Fib::from_routes(

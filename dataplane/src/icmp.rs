@@ -38,8 +38,8 @@ pub enum NoError {
     /// The packet is itself an ICMPv6 error.
     #[error("packet is an ICMPv6 error")]
     IsError,
-    /// Its source is unspecified or multicast.
-    #[error("source is unspecified or multicast")]
+    /// Its source is unspecified or multicast, or its destination multicast.
+    #[error("source is unspecified or multicast, or destination multicast")]
     BadSource,
     /// The buffer has no headroom for the headers.
     #[error("no headroom")]
@@ -98,8 +98,9 @@ pub fn error_in_place(
     code: u8,
 ) -> Result<(), NoError> {
     let data = buf.data();
-    let (orig_src, _) = ipv6_addrs(data).ok_or(NoError::NotIpv6)?;
-    if orig_src.is_unspecified() || orig_src.is_multicast() {
+    let (orig_src, orig_dst) = ipv6_addrs(data).ok_or(NoError::NotIpv6)?;
+    // §2.4 (e): no errors about packets from nowhere or to a multicast group.
+    if orig_src.is_unspecified() || orig_src.is_multicast() || orig_dst.is_multicast() {
         return Err(NoError::BadSource);
     }
     // An ICMPv6 error (type < 128) right after the fixed header is never answered.

@@ -148,11 +148,14 @@ fn run(args: Args) -> Result<(), String> {
         None
     } else {
         let mut tun = Tun::open(&args.tun_name, workers).map_err(|e| e.to_string())?;
-        // The workers read one packet per read (they do not segment TSO super-packets), so the
-        // kernel must segment and checksum before the TUN.
-        if !tun.set_offloads(Offloads::NONE) {
-            return Err("could not turn TUN offloads off".to_owned());
+        // TSO6/USO6 (with CSUM): the workers segment super-packets themselves (dataplane::vnet).
+        if !tun.set_offloads(Offloads::FULL)
+            && !tun.set_offloads(Offloads::TSO)
+            && !tun.set_offloads(Offloads::NONE)
+        {
+            return Err("could not set the TUN offloads".to_owned());
         }
+        tracing::info!(offloads = tun.offloads().0, "TUN offloads");
         tun.set_mtu_up(args.mtu).map_err(|e| e.to_string())?;
         // The node's address with prefix 7: the kernel then routes all of 400::/7 into the TUN.
         tun.add_address(addr, 7).map_err(|e| e.to_string())?;
@@ -162,11 +165,12 @@ fn run(args: Args) -> Result<(), String> {
     for _ in 0..workers {
         let (fd, offloads) = udp::bind(port).map_err(|e| e.to_string())?;
         tracing::debug!(gro = offloads.gro, gso = offloads.gso, "UDP socket bound");
-        sockets.push(fd);
+        sockets.push((fd, offloads.gso));
     }
     let send_fd = sockets
         .first()
         .ok_or("no worker")?
+        .0
         .try_clone()
         .map_err(|e| e.to_string())?;
 
@@ -220,13 +224,14 @@ fn run(args: Args) -> Result<(), String> {
 
     let mut tun_iter = tun_queues.map(Vec::into_iter);
     let mut handles = Vec::with_capacity(workers);
-    for (index, udp) in sockets.into_iter().enumerate() {
+    for (index, (udp, udp_gso)) in sockets.into_iter().enumerate() {
         let tun = tun_iter.as_mut().and_then(Iterator::next);
         let setup = WorkerSetup {
             index,
             udp,
             tun,
             shared: shared.clone(),
+            udp_gso,
         };
         let h = std::thread::Builder::new()
             .name(format!("hypha-dp-w{index}"))

@@ -17,14 +17,14 @@
 //! ```
 //!
 //! **Sizes.** [`BufLayout::LARGE`] fits what one TUN read can return with IFF_VNET_HDR and TSO: a
-//! 12-byte `virtio_net_hdr` plus a 64 KiB IPv6 super-packet, and what one UDP GRO receive can
+//! 10-byte `virtio_net_hdr` ([`crate::vnet::LEN`]) plus a 64 KiB IPv6 super-packet, and what one UDP GRO receive can
 //! coalesce (64 KiB). Its headroom ([`HEADROOM`] = 128) holds the 48-byte data header, the 1-byte
 //! inner payload type and the virtio header with room to spare, rounded to cache lines; the outer
 //! IPv6/UDP headers are the kernel's business (we send through a UDP socket). Its tailroom
 //! ([`TAILROOM`] = 64) holds the 16-byte tag. [`BufLayout::MTU`] (2 KiB) is for workers that run
 //! without offloads, where a buffer never holds more than one MTU-sized datagram.
 
-/// Default headroom: data header (48) + payload type (1) + virtio_net_hdr (12), rounded up to two
+/// Default headroom: data header (48) + payload type (1) + virtio_net_hdr (10), rounded up to two
 /// cache lines.
 pub const HEADROOM: usize = 128;
 /// Default tailroom: the 16-byte AEAD tag, rounded up to a cache line.
@@ -45,7 +45,7 @@ impl BufLayout {
     /// 64 KiB of data: TSO/GRO super-packets (see the module doc).
     pub const LARGE: BufLayout = BufLayout {
         headroom: HEADROOM,
-        data: 65_536 + 12,
+        data: 65_536 + crate::vnet::LEN,
         tailroom: TAILROOM,
     };
 

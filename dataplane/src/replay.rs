@@ -74,6 +74,27 @@ impl ReplayWindow {
         }
     }
 
+    /// A window that treats every counter below `base` as already received: for a receive key
+    /// re-installed after a dataplane restart, whose lower counters may have been delivered before.
+    pub fn starting_at(base: u64) -> Self {
+        let mut w = ReplayWindow::new();
+        if base == 0 {
+            return w;
+        }
+        // Counters 0..base are n = 1..=base in the shifted space: mark them, and nothing above.
+        w.last = base;
+        let (top_block, top_bit) = Self::slot(base);
+        for (i, block) in w.ring.iter_mut().enumerate() {
+            *block = if i == top_block {
+                // Bits 0..=top_bit of the current block (bit 0 of block 0 is n = 0, never used).
+                top_bit | (top_bit - 1)
+            } else {
+                u64::MAX
+            };
+        }
+        w
+    }
+
     /// The highest accepted counter, if any.
     pub fn highest(&self) -> Option<u64> {
         self.last.checked_sub(1)
@@ -134,6 +155,51 @@ impl ReplayWindow {
     }
 }
 
+/// A [`ReplayWindow`] shared by every worker that may receive a session's packets.
+///
+/// Synchronisation: a `std::sync::Mutex`, held only inside [`SharedReplayWindow::check`] and
+/// [`SharedReplayWindow::accept`] (a few bit operations; never across the decryption). SO_REUSEPORT
+/// spreads one session's packets over workers by underlay 4-tuple, so the same session can be
+/// received on two workers at once, and both must see one window for replay protection to hold.
+/// The lock is uncontended in the common case (one CAS to take, one to release).
+#[derive(Debug, Default)]
+pub struct SharedReplayWindow {
+    inner: std::sync::Mutex<ReplayWindow>,
+}
+
+impl SharedReplayWindow {
+    /// Shares `window`.
+    pub fn new(window: ReplayWindow) -> Self {
+        SharedReplayWindow {
+            inner: std::sync::Mutex::new(window),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayWindow> {
+        // check and accept can't panic, so a poisoned lock still guards a consistent window.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`ReplayWindow::check`] under the lock.
+    #[inline]
+    pub fn check(&self, counter: u64) -> Result<(), ReplayError> {
+        self.lock().check(counter)
+    }
+
+    /// [`ReplayWindow::accept`] under the lock.
+    #[inline]
+    pub fn accept(&self, counter: u64) -> Result<(), ReplayError> {
+        self.lock().accept(counter)
+    }
+
+    /// The highest accepted counter, if any.
+    pub fn highest(&self) -> Option<u64> {
+        self.lock().highest()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +214,13 @@ mod tests {
     }
 
     impl Model {
+        fn with_base(base: u64) -> Model {
+            Model {
+                seen: (0..base).collect(),
+                max: base.checked_sub(1),
+            }
+        }
+
         fn accept(&mut self, c: u64) -> Result<(), ReplayError> {
             if c >= REJECT_AFTER_MESSAGES {
                 return Err(ReplayError::Exhausted);
@@ -212,6 +285,39 @@ mod tests {
     }
 
     #[test]
+    fn starting_at_a_base_rejects_everything_below_it() {
+        for base in [1u64, 63, 64, 65, 4095, 4096, 1_000_000] {
+            let mut w = ReplayWindow::starting_at(base);
+            assert_eq!(w.highest(), Some(base - 1));
+            assert!(w.check(base - 1).is_err());
+            assert!(w.check(base.saturating_sub(WINDOW_SIZE)).is_err());
+            assert_eq!(w.check(base), Ok(()));
+            // Reordering just above the base still works.
+            assert_eq!(w.accept(base + 5), Ok(()));
+            assert_eq!(w.accept(base + 1), Ok(()));
+            assert_eq!(w.accept(base), Ok(()));
+            assert_eq!(w.accept(base + 1), Err(ReplayError::Duplicate));
+            assert!(w.accept(base - 1).is_err());
+        }
+    }
+
+    #[test]
+    fn shared_window_accepts_each_counter_once_across_threads() {
+        let w = std::sync::Arc::new(SharedReplayWindow::default());
+        let accepted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let w = w.clone();
+                    s.spawn(move || (0..2000u64).filter(|c| w.accept(*c).is_ok()).count())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(accepted, 2000);
+        assert_eq!(w.highest(), Some(1999));
+    }
+
+    #[test]
     fn limits() {
         let mut w = ReplayWindow::new();
         assert_eq!(w.accept(REJECT_AFTER_MESSAGES), Err(ReplayError::Exhausted));
@@ -238,9 +344,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn matches_reference_set(counters in arb_counters(), forged in arb_counters()) {
-            let mut w = ReplayWindow::new();
-            let mut m = Model::default();
+        fn matches_reference_set(
+            counters in arb_counters(),
+            forged in arb_counters(),
+            base in prop_oneof![Just(0u64), 0u64..5000],
+        ) {
+            let mut w = ReplayWindow::starting_at(base);
+            let mut m = Model::with_base(base);
             for (i, c) in counters.iter().enumerate() {
                 // Interleave forged counters that are only checked, never accepted.
                 if let Some(f) = forged.get(i) {

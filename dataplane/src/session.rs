@@ -19,7 +19,7 @@
 //!
 //! Sharing across workers: a [`Session`] is read by every worker through `Arc`. The send counter is
 //! an `AtomicU64` (workers reserve counters with a CAS, so a nonce is never used twice and never
-//! wraps); the replay window sits behind a `Mutex` that is held for a few nanoseconds around
+//! wraps); the replay window is a [`SharedReplayWindow`], locked for a few nanoseconds around
 //! `check` and `accept`, never across the decryption itself. The [`SessionTable`] is an immutable
 //! snapshot published with `arc-swap`, like the FIB.
 
@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -35,7 +35,7 @@ use hypha_proto::time::Instant;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use crate::fib::FibHasherBuilder;
-use crate::replay::{ReplayError, ReplayWindow};
+use crate::replay::{ReplayError, ReplayWindow, SharedReplayWindow};
 
 pub use crate::replay::REJECT_AFTER_MESSAGES;
 
@@ -303,6 +303,11 @@ pub struct SessionParams {
     /// Whether we initiated the handshake (only the initiator rekeys on time, as in WireGuard, so
     /// both ends don't start handshakes at once).
     pub initiator: bool,
+    /// The first send counter (0 for a new session; the shm key record's counter when a key is
+    /// re-installed after a dataplane restart, so no nonce is used twice).
+    pub send_counter: u64,
+    /// Receive counters below this are refused as already seen (0 for a new session).
+    pub replay_base: u64,
 }
 
 impl core::fmt::Debug for SessionParams {
@@ -316,6 +321,8 @@ impl core::fmt::Debug for SessionParams {
             )
             .field("cipher", &self.cipher)
             .field("initiator", &self.initiator)
+            .field("send_counter", &self.send_counter)
+            .field("replay_base", &self.replay_base)
             .finish_non_exhaustive()
     }
 }
@@ -332,7 +339,7 @@ pub struct Session {
     /// The next counter to send.
     send_counter: AtomicU64,
     opening: OpeningKey,
-    replay: Mutex<ReplayWindow>,
+    replay: SharedReplayWindow,
     /// Packets accepted (authenticated and not replayed).
     received: AtomicU64,
 }
@@ -347,9 +354,9 @@ impl Session {
             initiator: params.initiator,
             created: now,
             sealing: SealingKey::new(params.cipher, &params.send_key)?,
-            send_counter: AtomicU64::new(0),
+            send_counter: AtomicU64::new(params.send_counter),
             opening: OpeningKey::new(params.cipher, &params.recv_key)?,
-            replay: Mutex::new(ReplayWindow::new()),
+            replay: SharedReplayWindow::new(ReplayWindow::starting_at(params.replay_base)),
             received: AtomicU64::new(0),
         })
     }
@@ -382,6 +389,11 @@ impl Session {
     /// Counters handed out so far (messages sent or about to be).
     pub fn sent(&self) -> u64 {
         self.send_counter.load(Ordering::Relaxed)
+    }
+
+    /// The highest counter accepted so far, if any.
+    pub fn highest_received(&self) -> Option<u64> {
+        self.replay.highest()
     }
 
     /// Packets received and accepted.
@@ -459,17 +471,11 @@ impl Session {
         if self.is_expired(now) {
             return Err(SessionError::Expired);
         }
-        self.replay().check(counter)?;
+        self.replay.check(counter)?;
         let plain = self.opening.open_in_place(counter, aad, in_out)?;
-        self.replay().accept(counter)?;
+        self.replay.accept(counter)?;
         self.received.fetch_add(1, Ordering::Relaxed);
         Ok(plain)
-    }
-
-    fn replay(&self) -> std::sync::MutexGuard<'_, ReplayWindow> {
-        // A panic while holding the lock can't leave the window inconsistent (check and accept
-        // don't panic), so a poisoned lock is still usable.
-        self.replay.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -629,6 +635,8 @@ mod tests {
             send_key: [0x11; KEY_LEN],
             recv_key: [0x22; KEY_LEN],
             initiator: true,
+            send_counter: 0,
+            replay_base: 0,
         }
     }
 
@@ -840,6 +848,32 @@ mod tests {
             b.open_in_place(now, REJECT_AFTER_MESSAGES, &[], &mut buf),
             Err(SessionError::Replay(ReplayError::Exhausted))
         );
+    }
+
+    #[test]
+    fn reinstalled_keys_continue_counters() {
+        let now = Instant::ZERO;
+        let (a, _) = pair(Cipher::Aes256Gcm, now);
+        let mut first = vec![0u8; HEADER_LEN + 1 + TAG_LEN];
+        build(&a, now, 64, &[0], &mut first);
+        let mut second = vec![0u8; HEADER_LEN + 1 + TAG_LEN];
+        build(&a, now, 64, &[0], &mut second);
+        // The dataplane restarts; the control plane re-installs both ends' keys with the counters
+        // it last saw: the sender continues at 2, the receiver refuses what it may have delivered.
+        let mut pa = params(Cipher::Aes256Gcm, 1, 2);
+        pa.send_counter = a.sent();
+        let mut pb = params(Cipher::Aes256Gcm, 2, 1);
+        pb.send_key = pa.recv_key;
+        pb.recv_key = pa.send_key;
+        pb.replay_base = 1;
+        let a2 = Session::new(&pa, now).unwrap();
+        let b2 = Session::new(&pb, now).unwrap();
+        assert_eq!(a2.next_counter(now), Ok(2));
+        assert_eq!(
+            receive(&b2, now, &mut first),
+            Err(SessionError::Replay(ReplayError::Duplicate))
+        );
+        assert!(receive(&b2, now, &mut second).is_ok());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::process::Command;
 
 /// Length of the `virtio_net_hdr` in front of every packet with `IFF_VNET_HDR` (the kernel's
 /// default; `TUNSETVNETHDRSZ` is not changed).
-pub const VNET_HDR_LEN: usize = 10;
+pub const VNET_HDR_LEN: usize = crate::vnet::LEN;
 
 /// Longest interface name, without the NUL (`IFNAMSIZ - 1`).
 pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
@@ -434,6 +434,128 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(found, "no echo request arrived on the TUN");
+    }
+
+    /// Root only: the kernel's TCP sends TSO super-packets into the TUN, and `vnet::Segments` cuts
+    /// them into segments whose checksums verify and whose payloads are the bytes the socket sent,
+    /// in order. The test plays the TCP server by hand: it answers the SYN with a SYN-ACK and then
+    /// just reads the first flight.
+    #[test]
+    fn kernel_tso_super_packets_segment_correctly() {
+        use crate::vnet::{self, Segments, VnetHdr};
+        use std::io::Write;
+        use std::net::{SocketAddr, TcpStream};
+
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let ns = Netns::new();
+        let tun = ns.run(|| {
+            let tun = Tun::open("hyt1", 1).expect("open tun");
+            tun.set_mtu_up(1400).expect("mtu");
+            tun.add_address("fd00:4879::1".parse().unwrap(), 64)
+                .expect("addr");
+            tun.add_route("fd00:4879:1::".parse().unwrap(), 48)
+                .expect("route");
+            tun
+        });
+        assert!(tun.offloads().tso());
+        let sent: Vec<u8> = (0..30_000u32).map(|i| (i % 253) as u8).collect();
+        let to_send = sent.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let path = format!("/var/run/netns/{}", ns.name);
+        let client = std::thread::spawn(move || {
+            let nsf = File::open(&path).expect("open netns");
+            // SAFETY: setns on a namespace fd we just opened; only this thread is affected.
+            let rc = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0);
+            let server: SocketAddr = "[fd00:4879:1::7]:5201".parse().unwrap();
+            let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+                .expect("connect through the TUN");
+            s.write_all(&to_send).expect("write");
+            // Keep the connection open until the reader is done.
+            let _ = done_rx.recv_timeout(Duration::from_secs(10));
+        });
+
+        let mut q = &tun.queues()[0];
+        set_nonblocking(q);
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let mut buf = vec![0u8; 65_536 + VNET_HDR_LEN];
+        let mut seg = vec![0u8; 65_536];
+        let mut isn: Option<u32> = None;
+        let mut received = Vec::new();
+        let mut super_packets = 0;
+        while Instant::now() < deadline && received.len() < 8_000 {
+            let n = match q.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(e) => panic!("read: {e}"),
+            };
+            let hdr = VnetHdr::parse(&buf[..n]).expect("vnet header");
+            let pkt = &buf[VNET_HDR_LEN..n];
+            if pkt.len() < 60 || pkt[0] >> 4 != 6 || pkt[6] != 6 {
+                continue; // not TCP (router solicitations, MLD)
+            }
+            let flags = pkt[53];
+            if flags & 0x02 != 0 {
+                // SYN: answer with SYN-ACK, MSS 1300.
+                let syn_seq = u32::from_be_bytes([pkt[44], pkt[45], pkt[46], pkt[47]]);
+                isn = Some(syn_seq.wrapping_add(1));
+                let mut r = vec![0u8; VNET_HDR_LEN + 64];
+                let p = &mut r[VNET_HDR_LEN..];
+                p[0] = 0x60;
+                p[4..6].copy_from_slice(&24u16.to_be_bytes());
+                p[6] = 6;
+                p[7] = 64;
+                p[8..24].copy_from_slice(&pkt[24..40]);
+                p[24..40].copy_from_slice(&pkt[8..24]);
+                p[40..42].copy_from_slice(&pkt[42..44]);
+                p[42..44].copy_from_slice(&pkt[40..42]);
+                p[44..48].copy_from_slice(&1000u32.to_be_bytes());
+                p[48..52].copy_from_slice(&syn_seq.wrapping_add(1).to_be_bytes());
+                p[52] = 6 << 4;
+                p[53] = 0x12;
+                p[54..56].copy_from_slice(&65_535u16.to_be_bytes());
+                p[60..64].copy_from_slice(&[2, 4, 0x05, 0x14]);
+                vnet::fill_checksum(p).expect("checksum");
+                q.write_all(&r).expect("write SYN-ACK");
+                continue;
+            }
+            let Some(start) = isn else { continue };
+            let mut collect = |s: &[u8]| {
+                assert!(vnet::verify_checksum(s), "segment checksum");
+                let data_off = usize::from(s[52] >> 4) * 4;
+                let seq = u32::from_be_bytes([s[44], s[45], s[46], s[47]]);
+                let payload = &s[40 + data_off..];
+                if !payload.is_empty() && seq.wrapping_sub(start) as usize == received.len() {
+                    assert!(payload.len() <= 1300, "segment larger than the MSS");
+                    received.extend_from_slice(payload);
+                }
+            };
+            if hdr.is_gso() {
+                super_packets += 1;
+                assert_eq!(hdr.gso_type & !vnet::GSO_ECN, vnet::GSO_TCPV6);
+                let mut segs = Segments::new(&hdr, pkt).expect("super-packet");
+                assert!(segs.count() > 1);
+                while let Some(r) = segs.next_into(&mut seg) {
+                    let len = r.expect("segment");
+                    collect(&seg[..len]);
+                }
+            } else {
+                let mut one = pkt.to_vec();
+                vnet::complete_checksum(&hdr, &mut one).expect("checksum");
+                collect(&one);
+            }
+        }
+        let _ = done_tx.send(());
+        client.join().expect("client thread");
+        assert!(received.len() >= 8_000, "got {} bytes", received.len());
+        assert_eq!(&received[..], &sent[..received.len()]);
+        assert!(super_packets > 0, "no TSO super-packet arrived");
     }
 
     fn set_nonblocking(f: &File) {

@@ -28,13 +28,19 @@ use hypha_proto::time::Instant;
 use io_uring::types::RecvMsgOut;
 
 use crate::counters::{Counter, WorkerCounters};
-use crate::forward::{inbound, outbound, Inbound, Outbound, Tables};
+use crate::forward::{
+    inbound, outbound, route, seal_slice, Inbound, Outbound, Tables, INITIAL_HOP_LIMIT,
+};
+use crate::gso;
 use crate::icmp;
 use crate::pool::{BufLayout, PacketBuf, PacketPool, HEADROOM, TAILROOM};
 use crate::ring::{self, BufRing, Completion, Op, Ring};
+use crate::session::TAG_LEN;
 use crate::state::{upper64, PeerAddr, Shared};
 use crate::tun::VNET_HDR_LEN;
 use crate::udp::{from_sockaddr, gro_segment_size};
+use crate::vnet;
+use hypha_proto::wire::data::{Kind, PayloadType, Repr, HEADER_LEN};
 
 /// Longest wait for completions before the loop looks at the stop flag and the queue again.
 pub const WAIT: Duration = Duration::from_millis(100);
@@ -44,8 +50,11 @@ const RING_ENTRIES: u32 = 1024;
 const PROVIDED: u16 = 128;
 /// Reads kept in flight on the TUN queue.
 const TUN_READS: usize = 64;
-/// Send/write slots (each holds a `msghdr` for one in-flight send or write).
-const SLOTS: usize = 512;
+/// Send/write slots (each holds a `msghdr` for one in-flight send or write). One GRO receive
+/// can turn into ~45 TUN writes, so there are many more slots than send buffers.
+const SLOTS: usize = 2048;
+/// Pool buffers for sends in flight (sealed TUN packets, GSO batches).
+const SEND_BUFFERS: usize = 512;
 /// Packets queued per destination while its session is set up.
 const QUEUE_PER_DEST: usize = 32;
 /// Packets queued in total (per worker).
@@ -67,13 +76,11 @@ const RECVMSG_OUT_LEN: usize = 16;
 /// Where the datagram starts in a received buffer.
 const RECV_PAYLOAD_OFFSET: usize = RECVMSG_OUT_LEN + RECV_NAME_LEN + RECV_CONTROL_LEN;
 
-/// virtio_net_hdr flag: the checksum at csum_start + csum_offset must be completed.
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 /// virtio_net_hdr flag: the checksums are known good (we authenticated the packet).
 const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 
-/// Buffers per worker: enough for every provided buffer, TUN read, slot and queued packet.
-pub const POOL_BUFFERS: usize = PROVIDED as usize + TUN_READS + SLOTS + QUEUE_TOTAL;
+/// Buffers per worker: every provided buffer, TUN read and queued packet, and the send buffers.
+pub const POOL_BUFFERS: usize = PROVIDED as usize + TUN_READS + SEND_BUFFERS + QUEUE_TOTAL;
 
 /// What a worker needs to start.
 #[derive(Debug)]
@@ -86,6 +93,8 @@ pub struct WorkerSetup {
     pub tun: Option<File>,
     /// The shared tables.
     pub shared: Arc<Shared>,
+    /// Whether the UDP socket takes `UDP_SEGMENT` (GSO) sends.
+    pub udp_gso: bool,
 }
 
 /// Why a worker stopped with an error.
@@ -106,7 +115,24 @@ struct Slot {
     msg: libc::msghdr,
     iov: libc::iovec,
     addr: libc::sockaddr_in6,
+    /// A `UDP_SEGMENT` control message (CMSG_SPACE(2) = 24 bytes, 8-aligned).
+    control: [u64; 3],
     buf: u32,
+}
+
+/// Datagrams per GSO send at most (the kernel's UDP_MAX_SEGMENTS is at least 64).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes per GSO send at most (one UDP datagram's worth, less headers).
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// Transit datagrams of one received buffer going to one next hop, back to back.
+struct FwdBatch {
+    peer: PeerAddr,
+    start: usize,
+    end: usize,
+    /// Size of each datagram but the last.
+    seg: usize,
+    count: usize,
 }
 
 struct Pending {
@@ -154,6 +180,9 @@ struct Worker {
     queued: usize,
     events: EventLimiter,
     completions: Vec<Completion>,
+    udp_gso: bool,
+    /// Decrypted packets of the buffer being handled, waiting to be written to the TUN.
+    to_tun: Vec<(usize, usize)>,
 }
 
 /// Runs a worker until `shared.stop` is set. Blocks the calling thread.
@@ -163,6 +192,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
         udp,
         tun,
         shared,
+        udp_gso,
     } = setup;
     let ring = Ring::new(RING_ENTRIES)?;
     let buf_ring = BufRing::new(&ring, PROVIDED, BUFFER_GROUP)?;
@@ -182,6 +212,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
                 0,
                 0,
             ))),
+            control: [0; 3],
             buf: 0,
         })
         .collect::<Vec<_>>()
@@ -213,6 +244,8 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
         },
         completions: Vec::with_capacity(4 * RING_ENTRIES as usize),
         shared,
+        udp_gso,
+        to_tun: Vec::with_capacity(GSO_MAX_SEGMENTS * 2),
     };
     tracing::debug!(worker = index, "worker running");
     let result = w.run_loop();
@@ -415,28 +448,124 @@ impl Worker {
 
     /// A packet from the TUN: virtio header, then routing, sealing and sending.
     fn handle_tun_packet(&mut self, t: &Tables<'_>, mut buf: PacketBuf) {
-        let Some(vnet) = buf.data().get(..VNET_HDR_LEN) else {
-            self.count(Counter::dropped_malformed);
-            return self.free(buf);
+        let hdr = match vnet::VnetHdr::parse(buf.data()) {
+            Ok(h) if buf.pull_header(vnet::LEN).is_ok() => h,
+            _ => {
+                self.count(Counter::dropped_malformed);
+                return self.free(buf);
+            }
         };
-        let (flags, gso_type) = (vnet[0], vnet[1]);
-        let csum_start = usize::from(u16::from_le_bytes([vnet[6], vnet[7]]));
-        let csum_offset = usize::from(u16::from_le_bytes([vnet[8], vnet[9]]));
-        if gso_type != 0 || buf.pull_header(VNET_HDR_LEN).is_err() {
-            // Segmentation offload is not negotiated, so a super-packet is a kernel surprise.
-            self.count(Counter::dropped_malformed);
-            return self.free(buf);
-        }
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
-            && complete_checksum(buf.data_mut(), csum_start, csum_offset).is_none()
-        {
-            self.count(Counter::dropped_malformed);
-            return self.free(buf);
-        }
         let counters = self.counters();
         counters.inc(Counter::tun_rx_packets);
         counters.add(Counter::tun_rx_bytes, buf.len() as u64);
+        if hdr.is_gso() {
+            return self.segment_and_send(t, buf, &hdr);
+        }
+        if vnet::complete_checksum(&hdr, buf.data_mut()).is_err() {
+            self.count(Counter::dropped_malformed);
+            return self.free(buf);
+        }
         self.route_local(t, buf);
+    }
+
+    /// Cuts a TCP or UDP super-packet from the TUN into MTU-sized segments ([`vnet::Segments`]),
+    /// each written and sealed in its own datagram slot of a send buffer, and sends the slots
+    /// with UDP GSO: one TUN read and one send for ~45 packets.
+    fn segment_and_send(&mut self, t: &Tables<'_>, buf: PacketBuf, hdr: &vnet::VnetHdr) {
+        let (Ok(mut sup), Some((src, dst))) = (
+            vnet::Segments::new(hdr, buf.data()),
+            crate::icmp::ipv6_addrs(buf.data()),
+        ) else {
+            self.count(Counter::dropped_malformed);
+            return self.free(buf);
+        };
+        let (peer, session) = match route(t, &dst) {
+            Ok(r) => r,
+            Err(Outbound::NoRoute(dst)) => {
+                self.count(Counter::dropped_no_route);
+                if is_overlay(&dst) {
+                    self.event(t.now, Event::NoRoute(dst));
+                }
+                return self.icmp_to_tun(buf, icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_NO_ROUTE);
+            }
+            Err(Outbound::NoSession(dst)) => {
+                // A super-packet is not queued (it would need segmenting later); TCP resends.
+                self.count(Counter::dropped_no_session);
+                self.event(t.now, Event::NoSession(dst));
+                return self.free(buf);
+            }
+            Err(Outbound::Drop(c)) => {
+                self.count(c);
+                return self.free(buf);
+            }
+            Err(Outbound::Send(_)) => {
+                // `route` never answers Send; treat it as malformed if it ever did.
+                self.count(Counter::dropped_malformed);
+                return self.free(buf);
+            }
+        };
+        let n = sup.count();
+        let Ok(counters) = session.reserve_counters(t.now, n as u64) else {
+            self.count(Counter::dropped_expired);
+            return self.free(buf);
+        };
+        let stride = HEADER_LEN + 1 + sup.max_segment_len() + TAG_LEN;
+        let per_send = if self.udp_gso {
+            (GSO_MAX_BYTES / stride).clamp(1, GSO_MAX_SEGMENTS)
+        } else {
+            1
+        };
+        let mut i = 0;
+        while i < n {
+            let Some(mut out) = self.pool.alloc() else {
+                self.counters()
+                    .add(Counter::dropped_backpressure, (n - i) as u64);
+                break;
+            };
+            out.reset(0);
+            let end = (i + per_send).min(n);
+            let mut total = 0;
+            let mut sealed = 0;
+            {
+                let area = out.read_target();
+                for k in i..end {
+                    let Some(d) = area.get_mut(total..) else {
+                        break;
+                    };
+                    let Some(Ok(seg_len)) = d
+                        .get_mut(HEADER_LEN + 1..)
+                        .and_then(|body| sup.next_into(body))
+                    else {
+                        break;
+                    };
+                    if let Some(b) = d.get_mut(HEADER_LEN) {
+                        *b = PayloadType::Ipv6 as u8;
+                    }
+                    let repr = Repr {
+                        hop_limit: INITIAL_HOP_LIMIT,
+                        kind: Kind::Transport,
+                        receiver_index: session.remote_index(),
+                        counter: counters.start + k as u64,
+                        src,
+                        dst,
+                    };
+                    let Some(len) = seal_slice(session, &repr, d, 1 + seg_len) else {
+                        break;
+                    };
+                    total += len;
+                    sealed += 1;
+                }
+            }
+            if sealed < end - i || out.set_len(total).is_err() {
+                self.count(Counter::dropped_malformed);
+                self.free(out);
+                break;
+            }
+            let gso = if sealed > 1 { stride as u16 } else { 0 };
+            self.send_buf_gso(out, &peer, gso);
+            i = end;
+        }
+        self.free(buf);
     }
 
     /// Routes a locally originated IPv6 packet (from the TUN, or dequeued).
@@ -445,7 +574,10 @@ impl Worker {
             Outbound::Send(peer) => self.send_buf(buf, &peer),
             Outbound::NoRoute(dst) => {
                 self.count(Counter::dropped_no_route);
-                self.event(t.now, Event::NoRoute(dst));
+                // Only overlay destinations are worth a route request (not, say, MLD reports).
+                if is_overlay(&dst) {
+                    self.event(t.now, Event::NoRoute(dst));
+                }
                 self.icmp_to_tun(buf, icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_NO_ROUTE);
             }
             Outbound::NoSession(dst) => self.enqueue(t.now, dst, buf),
@@ -549,7 +681,7 @@ impl Worker {
     /// A buffer from the multishot receive: `len` bytes of `recvmsg` output (header, source
     /// address, control messages, datagram or GRO-coalesced datagrams).
     fn handle_udp_buffer(&mut self, t: &Tables<'_>, mut buf: PacketBuf, len: usize) {
-        let index = buf.index();
+        self.to_tun.clear();
         buf.reset(0);
         if buf.set_len(len).is_err() {
             return self.free(buf);
@@ -572,6 +704,7 @@ impl Worker {
             0,
         )));
         let seg_size = gso.unwrap_or(payload_len).max(1);
+        let mut fwd: Option<FwdBatch> = None;
         let mut off = RECV_PAYLOAD_OFFSET;
         let end = RECV_PAYLOAD_OFFSET + payload_len;
         while off < end {
@@ -586,31 +719,11 @@ impl Worker {
             };
             match inbound(t, seg) {
                 Inbound::ToTun { start, len } => {
-                    let vstart = start - VNET_HDR_LEN;
-                    let Some(v) = seg.get_mut(vstart..start) else {
-                        self.count(Counter::dropped_malformed);
-                        off += seg_len;
-                        continue;
-                    };
-                    v.fill(0);
-                    v[0] = VIRTIO_NET_HDR_F_DATA_VALID;
-                    let ptr = seg[vstart..].as_ptr();
-                    match self.tun {
-                        Some(fd) => {
-                            if self.submit_slot(
-                                Op::TunWrite,
-                                fd,
-                                index,
-                                ptr,
-                                len + VNET_HDR_LEN,
-                                None,
-                            ) {
-                                self.count(Counter::delivered);
-                            } else {
-                                self.count(Counter::dropped_backpressure);
-                            }
-                        }
-                        None => self.count(Counter::dropped_no_route),
+                    if self.tun.is_some() {
+                        self.count(Counter::delivered);
+                        self.to_tun.push((off + start, len));
+                    } else {
+                        self.count(Counter::dropped_no_route);
                     }
                 }
                 Inbound::PuntDecrypted { len } => {
@@ -636,18 +749,150 @@ impl Worker {
                     );
                 }
                 Inbound::Forward(peer) => {
-                    let ptr = seg.as_ptr();
-                    if self.submit_slot(Op::UdpSend, self.udp, index, ptr, seg_len, Some(&peer)) {
-                        self.count(Counter::forwarded);
-                    } else {
-                        self.count(Counter::dropped_backpressure);
+                    // Consecutive GRO segments to one next hop leave as one GSO send: they are
+                    // already contiguous, equal-sized and rewritten in place.
+                    match &mut fwd {
+                        Some(f) if f.peer == peer && f.end == off && f.seg == seg_len => {
+                            f.end += seg_len;
+                            f.count += 1;
+                        }
+                        Some(f) if f.peer == peer && f.end == off && seg_len < f.seg => {
+                            // A shorter last segment ends the batch.
+                            f.end += seg_len;
+                            f.count += 1;
+                            let done = fwd.take();
+                            self.forward_batch(&buf, done);
+                        }
+                        _ => {
+                            let done = fwd.take();
+                            self.forward_batch(&buf, done);
+                            fwd = Some(FwdBatch {
+                                peer,
+                                start: off,
+                                end: off + seg_len,
+                                seg: seg_len,
+                                count: 1,
+                            });
+                        }
                     }
                 }
                 Inbound::Drop(c) => self.count(c),
             }
             off += seg_len;
         }
+        let done = fwd.take();
+        self.forward_batch(&buf, done);
+        if !self.to_tun.is_empty() {
+            self.write_to_tun(&mut buf);
+        }
         self.park(buf);
+    }
+
+    /// Sends a batch of transit datagrams lying back to back in `buf` (one GSO send).
+    fn forward_batch(&mut self, buf: &PacketBuf, batch: Option<FwdBatch>) {
+        let Some(f) = batch else {
+            return;
+        };
+        let Some(bytes) = buf.data().get(f.start..f.end) else {
+            return;
+        };
+        let gso = if f.count > 1 && self.udp_gso {
+            u16::try_from(f.seg).unwrap_or(0)
+        } else {
+            0
+        };
+        let sent = if gso > 0 || f.count == 1 {
+            self.submit_slot_gso(
+                Op::UdpSend,
+                self.udp,
+                buf.index(),
+                bytes.as_ptr(),
+                bytes.len(),
+                Some(&f.peer),
+                gso,
+            )
+        } else {
+            // No GSO: one send per datagram.
+            let mut all = true;
+            for chunk in bytes.chunks(f.seg) {
+                all &= self.submit_slot(
+                    Op::UdpSend,
+                    self.udp,
+                    buf.index(),
+                    chunk.as_ptr(),
+                    chunk.len(),
+                    Some(&f.peer),
+                );
+            }
+            all
+        };
+        if sent {
+            self.counters().add(Counter::forwarded, f.count as u64);
+        } else {
+            self.counters()
+                .add(Counter::dropped_backpressure, f.count as u64);
+        }
+    }
+
+    /// Writes the decrypted packets listed in `to_tun` (offsets into `buf`): runs of one TCP
+    /// flow are merged into one super-packet in a fresh buffer (see [`gso::TcpRun`]); the rest
+    /// are written in place, each behind a virtio header in the bytes its data header used.
+    fn write_to_tun(&mut self, buf: &mut PacketBuf) {
+        let Some(fd) = self.tun else {
+            self.to_tun.clear();
+            return;
+        };
+        let list = std::mem::take(&mut self.to_tun);
+        let index = buf.index();
+        let mut i = 0;
+        while i < list.len() {
+            let data = buf.data();
+            let pkt = |k: usize| -> &[u8] {
+                list.get(k)
+                    .and_then(|(s, l)| data.get(*s..*s + *l))
+                    .unwrap_or(&[])
+            };
+            let first = pkt(i);
+            let mut j = i + 1;
+            let mut run = gso::TcpRun::start(first);
+            if let Some(r) = &mut run {
+                while j < list.len() && r.try_push(first, pkt(j)) {
+                    j += 1;
+                }
+            }
+            if let Some(r) = run.filter(|r| r.count() >= 2) {
+                if let Some(mut out) = self.pool.alloc() {
+                    out.reset(0);
+                    let n = r.write((i..j).map(pkt), out.read_target());
+                    if let Some(n) = n.filter(|n| out.set_len(*n).is_ok()) {
+                        let _ = n;
+                        self.counters().add(Counter::coalesced, r.count() as u64);
+                        self.write_buf(out);
+                        i = j;
+                        continue;
+                    }
+                    self.free(out);
+                }
+            }
+            for k in i..j {
+                let Some(&(start, len)) = list.get(k) else {
+                    break;
+                };
+                let vstart = start - VNET_HDR_LEN;
+                let Some(v) = buf.data_mut().get_mut(vstart..start) else {
+                    continue;
+                };
+                v.fill(0);
+                v[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+                let ptr = buf.data()[vstart..].as_ptr();
+                if !self.submit_slot(Op::TunWrite, fd, index, ptr, len + VNET_HDR_LEN, None) {
+                    self.count(Counter::dropped_backpressure);
+                }
+            }
+            i = j;
+        }
+        self.to_tun = list;
+        self.to_tun.clear();
     }
 
     /// After a handler submitted operations on `buf`: keep it until they complete, or free it.
@@ -663,8 +908,14 @@ impl Worker {
     }
 
     fn send_buf(&mut self, buf: PacketBuf, peer: &PeerAddr) {
+        self.send_buf_gso(buf, peer, 0);
+    }
+
+    /// Sends `buf` to `peer`; with `gso` > 0 as datagrams of `gso` bytes (the last may be
+    /// shorter) in one `UDP_SEGMENT` send.
+    fn send_buf_gso(&mut self, buf: PacketBuf, peer: &PeerAddr, gso: u16) {
         let (ptr, len, index) = (buf.data().as_ptr(), buf.len(), buf.index());
-        if !self.submit_slot(Op::UdpSend, self.udp, index, ptr, len, Some(peer)) {
+        if !self.submit_slot_gso(Op::UdpSend, self.udp, index, ptr, len, Some(peer), gso) {
             self.count(Counter::dropped_backpressure);
         }
         self.park(buf);
@@ -693,6 +944,21 @@ impl Worker {
         len: usize,
         peer: Option<&PeerAddr>,
     ) -> bool {
+        self.submit_slot_gso(op, fd, index, ptr, len, peer, 0)
+    }
+
+    /// [`Worker::submit_slot`] with a GSO segment size for sends (0: one datagram).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_slot_gso(
+        &mut self,
+        op: Op,
+        fd: RawFd,
+        index: u32,
+        ptr: *const u8,
+        len: usize,
+        peer: Option<&PeerAddr>,
+        gso: u16,
+    ) -> bool {
         let Some(s) = self.free_slots.pop() else {
             return false;
         };
@@ -711,8 +977,14 @@ impl Worker {
                 slot.msg.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
                 slot.msg.msg_iov = &mut slot.iov;
                 slot.msg.msg_iovlen = 1;
-                slot.msg.msg_control = core::ptr::null_mut();
-                slot.msg.msg_controllen = 0;
+                if gso > 0 {
+                    write_segment_cmsg(&mut slot.control, gso);
+                    slot.msg.msg_control = slot.control.as_mut_ptr().cast();
+                    slot.msg.msg_controllen = size_of::<[u64; 3]>();
+                } else {
+                    slot.msg.msg_control = core::ptr::null_mut();
+                    slot.msg.msg_controllen = 0;
+                }
                 let msg: *const libc::msghdr = &slot.msg;
                 // SAFETY: the slot (msghdr, iovec, address) sits in `self.slots`, a boxed slice
                 // that never moves, and is not reused before its completion (`slot_done`); the
@@ -789,11 +1061,18 @@ impl Worker {
                 let len = target.len().saturating_sub(TAILROOM) as u32;
                 let ptr = target.as_mut_ptr();
                 let index = buf.index();
+                // SAFETY: the buffer goes into `inflight` right after a successful push (moving
+                // the `PacketBuf` does not move its memory) and stays there until this read's
+                // completion.
+                let pushed =
+                    unsafe { self.ring.read(fd, ptr, len, ring::pack(Op::TunRead, index)) };
+                if let Err(e) = pushed {
+                    self.free(buf);
+                    return Err(e.into());
+                }
                 if let Some(slot) = self.inflight.get_mut(index as usize) {
                     *slot = Some(buf);
                 }
-                // SAFETY: the buffer sits in `inflight` until this read's completion.
-                unsafe { self.ring.read(fd, ptr, len, ring::pack(Op::TunRead, index)) }?;
                 self.tun_reads += 1;
             }
         }
@@ -802,17 +1081,23 @@ impl Worker {
     }
 }
 
-/// Completes a partial checksum (virtio NEEDS_CSUM): the one's-complement sum from `start` to the
-/// end, folded into the pseudo-header sum the kernel left at `start + offset`.
-fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Option<()> {
-    let field = start.checked_add(offset)?;
-    if field + 2 > packet.len() {
-        return None;
+/// Writes a `UDP_SEGMENT` control message with segment size `gso` into `control`.
+fn write_segment_cmsg(control: &mut [u64; 3], gso: u16) {
+    let hdr = size_of::<libc::cmsghdr>();
+    let mut bytes = [0u8; 24];
+    let cmsg_len = hdr + size_of::<u16>();
+    bytes[..size_of::<usize>()].copy_from_slice(&cmsg_len.to_ne_bytes());
+    bytes[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+    bytes[12..16].copy_from_slice(&crate::udp::UDP_SEGMENT.to_ne_bytes());
+    bytes[hdr..hdr + 2].copy_from_slice(&gso.to_ne_bytes());
+    for (w, c) in control.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(c);
+        *w = u64::from_ne_bytes(a);
     }
-    let sum = icmp::sum_words(0, packet.get(start..)?);
-    let folded = !icmp::fold(sum);
-    packet
-        .get_mut(field..field + 2)?
-        .copy_from_slice(&folded.to_be_bytes());
-    Some(())
+}
+
+/// Whether `addr` is in the overlay's 400::/7.
+fn is_overlay(addr: &Ipv6Addr) -> bool {
+    addr.octets()[0] & 0xfe == 0x04
 }

@@ -416,6 +416,12 @@ fn three_nodes_in_a_line_with_a_transit_node() {
     assert_eq!(counter(&b, "delivered"), 0);
     assert!(counter(&c, "delivered") >= 18);
 
+    // TCP through the transit node (GRO batches forwarded as GSO sends).
+    let (bytes, bps) = iperf(&net, &c, &a, C, 2, 1);
+    eprintln!("iperf3 a->c via b: {bytes} bytes, {:.2} Gbit/s", bps / 1e9);
+    assert!(bytes > 1_000_000, "iperf3 a->c moved only {bytes} bytes");
+    assert_eq!(counter(&b, "dropped_malformed"), 0);
+
     // No route from a to an unknown overlay /64: ICMPv6 unreachable from a's dataplane, so ping
     // fails fast with an error instead of timing out silently.
     let out = a
@@ -427,5 +433,126 @@ fn three_nodes_in_a_line_with_a_transit_node() {
     })
     .expect("no ICMPv6 unreachable sent");
     assert!(counter(&a, "dropped_no_route") >= 1);
+
+    // a routes b's /64 but has no session with b: the packet waits in the no-session queue,
+    // and when no key arrives (there is no control plane) it is answered with ICMPv6
+    // unreachable after the queue timeout.
+    let queued0 = counter(&a, "queued_no_session");
+    let icmp0 = counter(&a, "icmp_sent");
+    let out = a.exec(["ping", "-n", "-c", "1", "-W", "6", B]).unwrap();
+    assert!(
+        !out.status.success(),
+        "ping to b without a session succeeded"
+    );
+    assert!(counter(&a, "queued_no_session") > queued0);
+    assert!(counter(&a, "dropped_no_session") >= 1);
+    assert!(counter(&a, "icmp_sent") > icmp0);
     eprintln!("three-node test took {:?}", t0.elapsed());
+}
+
+/// Not a test: the measurement behind bench/dataplane-results.md. Run it alone, in release:
+/// `cargo test --release -p hypha-dataplane --test two_nodes -- --ignored --nocapture measure`.
+/// It prints iperf3 TCP (1 and 4 streams, median of 3 runs of 5 s) and ping RTT through hypha-dp
+/// next to the same over the bare veth; it asserts nothing about the numbers.
+#[test]
+#[ignore]
+fn measure_throughput_and_rtt() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let net = TestNet::new("dpm").unwrap();
+    let a = net.add_node("a").unwrap();
+    let b = net.add_node("b").unwrap();
+    let ab = net.link(&a, &b, LinkOpts::default()).unwrap();
+    let a_ep = SocketAddr::new(IpAddr::V4(ab.a().ipv4()), PORT);
+    let b_ep = SocketAddr::new(IpAddr::V4(ab.b().ipv4()), PORT);
+    let cfg_a = config(
+        A,
+        &[(1, b_ep)],
+        &[(&net64(B), 1)],
+        &[Sess {
+            peer: B,
+            rx_index: 100,
+            tx_index: 200,
+            tx_key: key(0x11),
+            rx_key: key(0x22),
+        }],
+    );
+    let cfg_b = config(
+        B,
+        &[(1, a_ep)],
+        &[(&net64(A), 1)],
+        &[Sess {
+            peer: A,
+            rx_index: 200,
+            tx_index: 100,
+            tx_key: key(0x22),
+            rx_key: key(0x11),
+        }],
+    );
+    let workers = std::env::var("HYPHA_DP_WORKERS").unwrap_or_else(|_| "2".into());
+    let start_w = |node: &Node, name: &str, cfg: &str| {
+        let path: PathBuf = net.log_dir().join(format!("{name}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypha-dp"));
+        cmd.args([
+            "--static-config",
+            path.to_str().unwrap(),
+            "--workers",
+            &workers,
+            "--stats-listen",
+            STATS,
+        ]);
+        let p = node.spawn(name, cmd).unwrap();
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            stats(node).is_some()
+        })
+        .unwrap();
+        p
+    };
+    let _pa = start_w(&a, "dp-a", &cfg_a);
+    let _pb = start_w(&b, "dp-b", &cfg_b);
+    let bare = ab.b().ipv4().to_string();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
+    let mut rows = Vec::new();
+    for streams in [1u32, 4] {
+        let veth = median(
+            (0..3)
+                .map(|_| iperf(&net, &b, &a, &bare, 5, streams).1)
+                .collect(),
+        );
+        let hyp = median(
+            (0..3)
+                .map(|_| iperf(&net, &b, &a, B, 5, streams).1)
+                .collect(),
+        );
+        rows.push(format!(
+            "iperf3 TCP {streams} stream(s): veth {:.2} Gbit/s, hypha-dp {:.2} Gbit/s, ratio {:.3}",
+            veth / 1e9,
+            hyp / 1e9,
+            hyp / veth
+        ));
+    }
+    let pv = a
+        .ping(IpAddr::V4(ab.b().ipv4()), 50, Duration::from_millis(20))
+        .unwrap();
+    let ph = ping(&a, B, 50);
+    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    rows.push(format!(
+        "ping RTT avg (50 x 20 ms): veth {:.3} ms, hypha-dp {:.3} ms, ratio {:.2} (min {:.3} / {:.3})",
+        ms(pv.rtt_avg),
+        ms(ph.rtt_avg),
+        ms(ph.rtt_avg) / ms(pv.rtt_avg),
+        ms(pv.rtt_min),
+        ms(ph.rtt_min)
+    ));
+    for r in rows {
+        eprintln!("MEASURE {r}");
+    }
+    eprintln!("MEASURE counters a: {}", stats(&a).unwrap()["counters"]);
+    eprintln!("MEASURE counters b: {}", stats(&b).unwrap()["counters"]);
 }
