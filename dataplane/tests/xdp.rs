@@ -10,7 +10,8 @@
 //! - `reroute_updates_the_transit_map_generic_mode`: the loader alone on b (IPv6 underlay,
 //!   generic mode, explicit interfaces) forwards a→c over one of two b–c links; the FIB moves
 //!   the route to the other link, [`XdpFastPath::sync`] rewrites the transit map, and pings keep
-//!   flowing over the new next hop.
+//!   flowing over the new next hop; a crafted frame forwarded to a plain socket arrives with
+//!   only its hop limit changed (checksums right), and at hop limit 1 it is passed up instead.
 //!
 //! Native XDP redirect between veths needs GRO on the redirect target's peer and TX checksum
 //! offload off on the sending veths (ENVIRONMENT.md); test 1 sets both.
@@ -617,6 +618,66 @@ fn reroute_updates_the_transit_map_generic_mode() {
         .unwrap();
     assert_eq!(p.received, 0);
     assert!(fp.counters().unwrap().pass >= c1.pass + 3);
+
+    // Crafted DATA frames from a peer (a test socket on a) to a /64 whose next hop is a plain
+    // UDP socket on c: the frame arrives with the hop limit decremented, everything else intact,
+    // from b's address and port (so the rewritten IPv6 and UDP checksums are right: c's kernel
+    // checks the UDP one); at hop limit 1 it passes up to b instead.
+    let injector = a
+        .run_in(|| UdpSocket::bind((ab.a().ipv6(), 0)))
+        .unwrap()
+        .unwrap();
+    let sink = c
+        .run_in(|| UdpSocket::bind((bc2.b().ipv6(), 0)))
+        .unwrap()
+        .unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    peers.set(4, Some(injector.local_addr().unwrap()));
+    peers.set(5, Some(sink.local_addr().unwrap()));
+    let probe = fib_of(&[(A, 1), ("4ee:1:1:1::5", 5)]);
+    let (written, _) = b.run_in(|| fp.sync(&probe, &peers)).unwrap().unwrap();
+    assert_eq!(written, 3, "two peers and the 4ee /64");
+    let mut frame = [0u8; 48 + 64];
+    frame[0] = 0x01;
+    frame[1] = 5;
+    frame[16..32].copy_from_slice(&A.parse::<Ipv6Addr>().unwrap().octets());
+    frame[32..48].copy_from_slice(&"4ee:1:1:1::5".parse::<Ipv6Addr>().unwrap().octets());
+    for (i, byte) in frame[48..].iter_mut().enumerate() {
+        *byte = i as u8;
+    }
+    injector.send_to(&frame, ep(ab.b().ipv6())).unwrap();
+    let mut buf = [0u8; 256];
+    let (n, from) = hypha_testnet::retry_interrupted(|| sink.recv_from(&mut buf))
+        .expect("the rewritten frame did not arrive (or arrived with a bad checksum)");
+    assert_eq!(
+        from,
+        ep(bc2.a().ipv6()),
+        "outer source: b's address towards c, b's port"
+    );
+    assert_eq!(n, frame.len());
+    assert_eq!(buf[1], 4, "hop limit not decremented");
+    assert_eq!(buf[0], frame[0]);
+    assert_eq!(
+        &buf[2..n],
+        &frame[2..],
+        "frame changed beyond the hop limit"
+    );
+    let before_hl = fp.counters().unwrap();
+    frame[1] = 1;
+    injector.send_to(&frame, ep(ab.b().ipv6())).unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(
+        sink.recv_from(&mut buf).is_err(),
+        "hop limit 1 was forwarded"
+    );
+    let after_hl = fp.counters().unwrap();
+    assert_eq!(
+        after_hl.pass_hop_limit,
+        before_hl.pass_hop_limit + 1,
+        "{after_hl:?}"
+    );
+    assert_eq!(after_hl.redirect, before_hl.redirect);
 
     let dir = fp.pin_dir().to_owned();
     fp.shutdown();
