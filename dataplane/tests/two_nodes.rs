@@ -366,10 +366,11 @@ fn three_nodes_in_a_line_with_a_transit_node() {
     let c = net.add_node("c").unwrap();
     let ab = net.link(&a, &b, LinkOpts::default()).unwrap();
     let bc = net.link(&b, &c, LinkOpts::default()).unwrap();
-    let ep = |ip: Ipv4Addr| SocketAddr::new(IpAddr::V4(ip), PORT);
+    // This test runs its underlay over IPv6 (the two-node test over IPv4, v4-mapped).
+    let ep = |ip: Ipv6Addr| SocketAddr::new(IpAddr::V6(ip), PORT);
     let cfg_a = config(
         A,
-        &[(1, ep(ab.b().ipv4()))],
+        &[(1, ep(ab.b().ipv6()))],
         &[(&net64(C), 1), (&net64(B), 1)],
         &[Sess {
             peer: C,
@@ -382,13 +383,13 @@ fn three_nodes_in_a_line_with_a_transit_node() {
     // b: routes only, no session (it never decrypts).
     let cfg_b = config(
         B,
-        &[(1, ep(ab.a().ipv4())), (2, ep(bc.b().ipv4()))],
+        &[(1, ep(ab.a().ipv6())), (2, ep(bc.b().ipv6()))],
         &[(&net64(A), 1), (&net64(C), 2)],
         &[],
     );
     let cfg_c = config(
         C,
-        &[(1, ep(bc.a().ipv4()))],
+        &[(1, ep(bc.a().ipv6()))],
         &[(&net64(A), 1)],
         &[Sess {
             peer: A,
