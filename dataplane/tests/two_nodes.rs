@@ -277,6 +277,16 @@ fn two_nodes_ping_iperf_replay_and_tamper() {
     assert!(p.received >= 18, "ping a->b: {p:?}");
     assert!(counter(&b, "delivered") >= 18);
     assert_eq!(counter(&b, "dropped_auth"), 0);
+    // Per-peer counters: a sent to its peer 1 (b), b received from its peer 1 (a).
+    let pa = stats(&a).unwrap()["per_peer"][0].clone();
+    let pb = stats(&b).unwrap()["per_peer"][0].clone();
+    assert_eq!(
+        (pa["id"].as_u64(), pa["endpoint"].as_str()),
+        (Some(1), Some(&*b_ep.to_string()))
+    );
+    assert!(pa["tx_packets"].as_u64() >= Some(18), "{pa}");
+    assert!(pb["rx_packets"].as_u64() >= Some(18), "{pb}");
+    assert!(pb["tx_packets"].as_u64() >= Some(18), "{pb}");
 
     // iperf3 TCP a -> b for 3 s.
     let (bytes, bps) = iperf(&net, &b, &a, B, 3, 1);
