@@ -572,7 +572,31 @@ impl Control {
             "routes": self.shared.fib.load().len(),
             "sessions": self.shared.sessions.load().len(),
             "peers": self.shared.peers.load().iter().count(),
+            "per_peer": self.per_peer_json(),
         })
+    }
+
+    fn per_peer_json(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let peers = self.shared.peers.load();
+        let shm_ids: HashMap<PeerId, u64> = self.peer_ids.iter().map(|(k, v)| (*v, *k)).collect();
+        peers
+            .iter()
+            .map(|(id, a)| {
+                let st = peers.stats(id);
+                let get = |f: fn(&crate::state::PeerStats) -> &std::sync::atomic::AtomicU64| {
+                    st.map_or(0, |s| f(s).load(Relaxed))
+                };
+                serde_json::json!({
+                    "id": shm_ids.get(&id).copied().unwrap_or(u64::from(id)),
+                    "endpoint": a.addr.to_string(),
+                    "tx_packets": get(|s| &s.tx_packets),
+                    "tx_bytes": get(|s| &s.tx_bytes),
+                    "rx_packets": get(|s| &s.rx_packets),
+                    "rx_bytes": get(|s| &s.rx_bytes),
+                })
+            })
+            .collect()
     }
 
     fn answer_stats(&mut self) {

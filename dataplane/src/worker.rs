@@ -562,7 +562,7 @@ impl Worker {
                 break;
             }
             let gso = if sealed > 1 { stride as u16 } else { 0 };
-            self.send_buf_gso(out, &peer, gso);
+            self.send_buf_gso(t, out, &peer, gso);
             i = end;
         }
         self.free(buf);
@@ -571,7 +571,7 @@ impl Worker {
     /// Routes a locally originated IPv6 packet (from the TUN, or dequeued).
     fn route_local(&mut self, t: &Tables<'_>, mut buf: PacketBuf) {
         match outbound(t, &mut buf) {
-            Outbound::Send(peer) => self.send_buf(buf, &peer),
+            Outbound::Send(peer) => self.send_buf_gso(t, buf, &peer, 0),
             Outbound::NoRoute(dst) => {
                 self.count(Counter::dropped_no_route);
                 // Only overlay destinations are worth a route request (not, say, MLD reports).
@@ -704,6 +704,9 @@ impl Worker {
             0,
         )));
         let seg_size = gso.unwrap_or(payload_len).max(1);
+        if let Some(st) = t.peers.by_addr(&from).and_then(|p| t.peers.stats(p)) {
+            st.rx(payload_len.div_ceil(seg_size) as u64, payload_len as u64);
+        }
         let mut fwd: Option<FwdBatch> = None;
         let mut off = RECV_PAYLOAD_OFFSET;
         let end = RECV_PAYLOAD_OFFSET + payload_len;
@@ -761,11 +764,11 @@ impl Worker {
                             f.end += seg_len;
                             f.count += 1;
                             let done = fwd.take();
-                            self.forward_batch(&buf, done);
+                            self.forward_batch(t, &buf, done);
                         }
                         _ => {
                             let done = fwd.take();
-                            self.forward_batch(&buf, done);
+                            self.forward_batch(t, &buf, done);
                             fwd = Some(FwdBatch {
                                 peer,
                                 start: off,
@@ -781,7 +784,7 @@ impl Worker {
             off += seg_len;
         }
         let done = fwd.take();
-        self.forward_batch(&buf, done);
+        self.forward_batch(t, &buf, done);
         if !self.to_tun.is_empty() {
             self.write_to_tun(&mut buf);
         }
@@ -789,7 +792,7 @@ impl Worker {
     }
 
     /// Sends a batch of transit datagrams lying back to back in `buf` (one GSO send).
-    fn forward_batch(&mut self, buf: &PacketBuf, batch: Option<FwdBatch>) {
+    fn forward_batch(&mut self, t: &Tables<'_>, buf: &PacketBuf, batch: Option<FwdBatch>) {
         let Some(f) = batch else {
             return;
         };
@@ -827,6 +830,9 @@ impl Worker {
             all
         };
         if sent {
+            if let Some(st) = t.peers.stats(f.peer.id) {
+                st.tx(f.count as u64, (f.end - f.start) as u64);
+            }
             self.counters().add(Counter::forwarded, f.count as u64);
         } else {
             self.counters()
@@ -907,15 +913,20 @@ impl Worker {
         self.free(buf);
     }
 
-    fn send_buf(&mut self, buf: PacketBuf, peer: &PeerAddr) {
-        self.send_buf_gso(buf, peer, 0);
-    }
-
     /// Sends `buf` to `peer`; with `gso` > 0 as datagrams of `gso` bytes (the last may be
     /// shorter) in one `UDP_SEGMENT` send.
-    fn send_buf_gso(&mut self, buf: PacketBuf, peer: &PeerAddr, gso: u16) {
+    fn send_buf_gso(&mut self, t: &Tables<'_>, buf: PacketBuf, peer: &PeerAddr, gso: u16) {
         let (ptr, len, index) = (buf.data().as_ptr(), buf.len(), buf.index());
-        if !self.submit_slot_gso(Op::UdpSend, self.udp, index, ptr, len, Some(peer), gso) {
+        if self.submit_slot_gso(Op::UdpSend, self.udp, index, ptr, len, Some(peer), gso) {
+            if let Some(st) = t.peers.stats(peer.id) {
+                let n = if gso > 0 {
+                    len.div_ceil(usize::from(gso))
+                } else {
+                    1
+                };
+                st.tx(n as u64, len as u64);
+            }
+        } else {
             self.count(Counter::dropped_backpressure);
         }
         self.park(buf);
