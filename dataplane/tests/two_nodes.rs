@@ -514,6 +514,9 @@ fn measure_throughput_and_rtt() {
             &workers,
             "--stats-listen",
             STATS,
+            // User-space path only (tests/xdp.rs measures XDP on vs off).
+            "--xdp",
+            "off",
         ]);
         let p = node.spawn(name, cmd).unwrap();
         wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
@@ -627,6 +630,9 @@ fn measure_transit() {
             &workers,
             "--stats-listen",
             STATS,
+            // User-space path only (tests/xdp.rs measures XDP on vs off).
+            "--xdp",
+            "off",
         ]);
         let p = node.spawn(name, cmd).unwrap();
         wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
