@@ -23,7 +23,7 @@
 
 pub mod frame;
 mod rtt;
-
+pub mod shared;
 #[cfg(test)]
 mod tests;
 
