@@ -21,6 +21,8 @@
 //! a [`PushError`]; a chunk of a new inbound message that doesn't fit is dropped unacknowledged, so
 //! the sender retries later (backpressure, never a silent loss of something already accepted).
 
+pub mod api;
+pub mod client;
 pub mod frame;
 mod rtt;
 pub mod shared;
