@@ -331,3 +331,79 @@ fn long_poll_waits_without_burning_cpu() {
     // The server runs in this process: 5 s of busy polling would be ~500 ticks.
     assert!(used < 30, "used {used} ticks of CPU during a 5 s long poll");
 }
+
+fn hypha(n: &Node, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hypha"))
+        .arg("message")
+        .args(["--api-addr", &n.addr.to_string()])
+        .args(args)
+        .output()
+        .expect("run hypha");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn cli_send_receive_status_wait() {
+    let n = Arc::new(node(BusConfig::default()));
+    let (ok, id) = hypha(&n, &["send", &n.ip, "--topic", "greet", "hello there"]);
+    assert!(ok);
+    let id = id.trim().to_owned();
+    assert_eq!(id.len(), 16);
+    let (ok, raw) = hypha(
+        &n,
+        &["receive", "--topic", "greet", "--timeout", "5", "--raw"],
+    );
+    assert!(ok);
+    assert_eq!(raw, "hello there");
+    let (ok, st) = hypha(&n, &["--json", "status", &id]);
+    assert!(ok);
+    let st: Value = serde_json::from_str(&st).expect("json");
+    assert_eq!(st["state"], "received");
+    let (ok, _) = hypha(&n, &["status", "0123456789abcdef"]);
+    assert!(!ok, "unknown id fails");
+
+    // --file and --wait: a responder answers through the HTTP API.
+    let dir = std::env::temp_dir().join(format!("hypha-bus-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("payload.bin");
+    std::fs::write(&file, [0u8, 1, 2, 255]).expect("write");
+    let n2 = Arc::clone(&n);
+    let responder = std::thread::spawn(move || {
+        let (s, q) = call(&n2, "GET", "/api/v1/messages?timeout=10", None);
+        assert_eq!(s, 200);
+        assert_eq!(q["payload"], B64.encode([0u8, 1, 2, 255]));
+        let qid = q["id"].as_str().expect("id").to_owned();
+        let (s, _) = call(
+            &n2,
+            "POST",
+            &format!("/api/v1/messages/reply/{qid}"),
+            Some(&json!({"dst": {"ip": n2.ip}, "payload": B64.encode("got it")})),
+        );
+        assert_eq!(s, 204);
+    });
+    let pk = n.pk.clone();
+    let (ok, reply) = hypha(
+        &n,
+        &[
+            "--json",
+            "send",
+            &pk,
+            "--wait",
+            "--timeout",
+            "10",
+            "--file",
+            file.to_str().expect("utf8"),
+        ],
+    );
+    responder.join().expect("responder");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok);
+    let reply: Value = serde_json::from_str(&reply).expect("json");
+    assert_eq!(reply["payload"], B64.encode("got it"));
+    let (ok, none) = hypha(&n, &["--json", "receive", "--timeout", "1"]);
+    assert!(ok);
+    assert_eq!(none.trim(), "null");
+}
