@@ -883,10 +883,10 @@ impl Bus {
         m.payload = Vec::new();
         m.topic = Vec::new();
         m.probe_at = None;
-        for c in &mut m.chunks {
-            c.retransmit_at = None;
-            c.queued = false;
-        }
+        // Only the status stays: drop the per-chunk state too (a finished 1 MiB message would
+        // otherwise keep ~900 chunk records for its status lifetime).
+        m.chunks = Vec::new();
+        m.in_window = 0;
         let held = m.held();
         let dst = m.dst;
         self.counters.outbound_bytes = self.counters.outbound_bytes.saturating_sub(held);
