@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+/// Largest response read.
+const MAX_RESPONSE: u64 = 16 << 20;
+
 /// A request that failed before an HTTP status came back.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -53,7 +56,8 @@ pub fn request(
     s.write_all(head.as_bytes()).map_err(io)?;
     s.write_all(body).map_err(io)?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(io)?;
+    // A 1 MiB message is ~1.4 MiB of base64; anything far beyond that is not our API.
+    s.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
     parse_response(&raw).ok_or(ClientError::Malformed(addr))
 }
 
