@@ -48,6 +48,12 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Send, receive and track messages through the running node's API.
     Message(message::MessageArgs),
+    /// Run the node (for now routing only: requires --no-dataplane).
+    Run(hypha_controlplane::config::RunArgs),
+    /// Show the running node's peers (`list`, the default).
+    Peers(hypha_controlplane::client::PeersArgs),
+    /// Show the running node's routes (`selected`, the default, or `fallback`).
+    Routes(hypha_controlplane::client::RoutesArgs),
 }
 
 /// Arguments of `hypha generate-keys`.

@@ -3,4 +3,13 @@
 //! The control plane: sans-IO protocol cores (Babel, link handshakes) and the runtime that drives them.
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod babel;
 pub mod bus;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod fib;
+pub mod link;
+pub mod runtime;
+pub mod sim;

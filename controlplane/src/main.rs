@@ -8,14 +8,18 @@ mod cli;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, CliError, Command};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // Help and version go to stdout with code 0; errors to stderr with code 2.
             let _ = e.print();
@@ -23,6 +27,20 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    match &cli.command {
+        Command::Run(args) => {
+            let mut args = args.clone();
+            // `-k` is global with a default; only a key file given on the command line overrides
+            // the config file's.
+            if matches.value_source("key_file") == Some(ValueSource::CommandLine) {
+                args.key_file = Some(cli.key_file.clone());
+            }
+            return hypha_controlplane::daemon::run(&args);
+        }
+        Command::Peers(args) => return hypha_controlplane::client::peers(args, cli.json),
+        Command::Routes(args) => return hypha_controlplane::client::routes(args, cli.json),
+        Command::GenerateKeys(_) | Command::Inspect(_) | Command::Message(_) => {}
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -38,6 +56,8 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::GenerateKeys(args) => cli::identity::generate_keys(cli, args),
         Command::Inspect(args) => cli::identity::inspect(cli, args),
         Command::Message(args) => cli::message::run(cli, args),
+        // Dispatched in `main`: they report their own errors and exit codes.
+        Command::Run(_) | Command::Peers(_) | Command::Routes(_) => Ok(()),
     }
 }
 

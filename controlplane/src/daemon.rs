@@ -1,0 +1,223 @@
+//! `hypha run`: from flags to a running node.
+//!
+//! Exit codes: 2 for settings that cannot work (bad flags or config file, a missing
+//! `--no-dataplane`), 1 for failures while starting or running (key file, socket, API address), 0
+//! after a clean shutdown on SIGINT or SIGTERM.
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hypha_proto::babel::Prefix;
+use hypha_proto::key;
+use hypha_proto::time::Clock;
+
+use crate::api::Snapshot;
+use crate::bus::api::{ApiServer as BusApiServer, Fallback, MessageApi, Reply};
+use crate::bus::shared::{NoTransport, SharedBus};
+use crate::bus::BusConfig;
+use crate::config::{RunArgs, RunConfig};
+use crate::fib::FibTable;
+use crate::runtime::event_loop::EventLoop;
+use crate::runtime::node::{Identity, Node, NodeConfig};
+use crate::runtime::signals::Signals;
+use crate::runtime::udp;
+use hypha_proto::addr::OverlayAddr;
+use hypha_proto::key::PublicKey;
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// The node key could not be loaded or created.
+    #[error(transparent)]
+    Key(#[from] key::KeyFileError),
+    /// The UDP port could not be bound.
+    #[error("cannot bind UDP port {port}: {source}")]
+    Bind {
+        /// The port.
+        port: u16,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The API server could not start.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiServerError),
+    /// The signal fd could not be set up.
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+    /// The event loop failed.
+    #[error("event loop failed: {0}")]
+    Loop(std::io::Error),
+}
+
+/// Runs `hypha run` and returns the process exit code.
+pub fn run(args: &RunArgs) -> ExitCode {
+    let config = match RunConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !config.no_dataplane {
+        eprintln!(
+            "error: the dataplane (hypha-dp) is not available yet; run the control plane alone with \
+             --no-dataplane (or `no_dataplane = true` in the config file)"
+        );
+        return ExitCode::from(2);
+    }
+    match run_node(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "hypha stopped");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The node's identity from its key.
+pub fn identity(secret: &key::SecretKey) -> Identity {
+    let public = secret.public_key();
+    let subnet = public.subnet();
+    // Invariant: a Subnet's length is at most 128, the only thing Prefix::new checks.
+    #[allow(clippy::expect_used)]
+    let subnet = Prefix::new(IpAddr::V6(subnet.addr()), subnet.prefix_len())
+        .expect("a Subnet is a valid IPv6 prefix");
+    Identity {
+        secret: *secret.as_bytes(),
+        public: *public.as_bytes(),
+        addr: public.address().into(),
+        subnet,
+    }
+}
+
+/// Starts the node described by `config` and runs it until a shutdown signal.
+pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
+    // Before any thread exists, so every thread inherits the blocked mask.
+    let signals = Signals::new().map_err(DaemonError::Signals)?;
+    let (secret, source) = key::load_or_create(&config.key_file)?;
+    if let Some(w) = source.warning() {
+        tracing::warn!("{w}");
+    }
+    if matches!(source, key::KeySource::Created) {
+        tracing::info!(path = %config.key_file.display(), "created a new node key");
+    }
+    let identity = identity(&secret);
+    drop(secret);
+    if !config.api_addr.ip().is_loopback() {
+        tracing::warn!(
+            api_addr = %config.api_addr,
+            "the API listens on a non-loopback address and has no authentication"
+        );
+    }
+    let (socket, dual_stack) = udp::bind(config.port).map_err(|source| DaemonError::Bind {
+        port: config.port,
+        source,
+    })?;
+
+    let clock = Clock::new();
+    let start_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let seed: u64 = rand::random();
+    let node = Node::new(
+        identity.clone(),
+        &NodeConfig::from_run(config, seed),
+        FibTable::new(),
+        clock.now(),
+    );
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    snapshot.store(Arc::new(node.snapshot(start_unix)));
+    // The message bus. Without a dataplane there are no E2E sessions, so only messages to our own
+    // address are delivered; frames for other nodes are dropped and retransmitted until their
+    // deadline (the dataplane integration replaces NoTransport).
+    let own =
+        OverlayAddr::new(identity.addr).map_err(|e| DaemonError::Loop(std::io::Error::other(e)))?;
+    let bus = SharedBus::new(
+        BusConfig {
+            rng_seed: rand::random(),
+            ..BusConfig::default()
+        },
+        own,
+    );
+    let _bus_driver = bus
+        .spawn_driver(Box::new(NoTransport::default()))
+        .map_err(DaemonError::Loop)?;
+    let keys_snapshot = Arc::clone(&snapshot);
+    let message_api = Arc::new(MessageApi::new(
+        Arc::clone(&bus),
+        PublicKey::from_bytes(identity.public),
+        Box::new(move |a: OverlayAddr| key_of(&keys_snapshot.load(), a)),
+    ));
+    let admin_snapshot = Arc::clone(&snapshot);
+    let admin_bus = Arc::clone(&bus);
+    let fallback: Fallback = Box::new(move |method, url, _body| {
+        let mut snap = (**admin_snapshot.load()).clone();
+        add_bus_stats(&mut snap, &admin_bus);
+        let r = crate::api::dispatch(method, url, &snap);
+        Reply {
+            status: r.status,
+            body: r.body,
+            content_type: "application/json",
+        }
+    });
+    let api = BusApiServer::start(config.api_addr, message_api, fallback).map_err(|e| {
+        DaemonError::Api(crate::api::ApiServerError::Bind {
+            addr: config.api_addr,
+            message: e.to_string(),
+        })
+    })?;
+
+    tracing::info!(
+        address = %identity.addr,
+        subnet = %identity.subnet,
+        pubkey = %hex::encode(identity.public),
+        port = config.port,
+        api = %api.local_addr(),
+        peers = config.peers.len(),
+        private_network = config.network_key.is_some(),
+        "hypha node running (no dataplane: routing only)"
+    );
+    let mut event_loop = EventLoop::new(
+        node, socket, dual_stack, signals, clock, snapshot, start_unix,
+    );
+    let signo = event_loop.run().map_err(DaemonError::Loop)?;
+    tracing::info!(signal = signo, "shutting down");
+    drop(api);
+    Ok(())
+}
+
+/// The key of the node at `a`, from what the snapshot knows (linked peers' keys).
+fn key_of(snap: &Snapshot, a: OverlayAddr) -> Option<PublicKey> {
+    let ip = a.to_string();
+    snap.peers
+        .iter()
+        .filter(|p| p.overlay_ip.as_deref() == Some(ip.as_str()))
+        .find_map(|p| p.pubkey.as_deref())
+        .and_then(|k| k.parse().ok())
+}
+
+/// Puts the message bus's counters under `bus` in `GET /api/v1/admin/stats`.
+fn add_bus_stats(snap: &mut Snapshot, bus: &SharedBus) {
+    let c = bus.counters();
+    let g = snap.stats.entry("bus".into()).or_default();
+    for (k, v) in [
+        ("outbound_bytes", c.outbound_bytes as u64),
+        ("inbound_bytes", c.inbound_bytes as u64),
+        ("inbox", c.inbox_len as u64),
+        ("pushed", c.pushed),
+        ("push_refused", c.push_refused),
+        ("delivered", c.delivered),
+        ("aborted", c.aborted),
+        ("received", c.received),
+        ("read", c.read),
+        ("chunks_sent", c.chunks_sent),
+        ("chunks_retransmitted", c.chunks_retransmitted),
+        ("malformed_frames", c.malformed_frames),
+    ] {
+        g.insert(k.into(), v);
+    }
+}

@@ -1,0 +1,765 @@
+//! The node: the glue between the link layer, the Babel router, the peer table and the FIB, as one
+//! more sans-IO state machine.
+//!
+//! Why its own core: the mio loop then only moves datagrams and time, and everything the daemon
+//! decides (which link becomes which Babel interface, when to reconnect, what the API shows) can be
+//! tested in-process with two or more `Node`s wired together, without sockets.
+//!
+//! Call order, as for the cores it drives: after every input (`handle_datagram`, `handle_timeout`)
+//! drain [`Node::poll_transmit`] and send each datagram, then sleep until [`Node::poll_timeout`].
+//! The glue runs inside the inputs: link events become router calls (Up → a point-to-point Babel
+//! interface whose neighbour is the peer's overlay address; Down → the interface goes and the peer
+//! is retried; Received(Babel) → `Router::handle_packet`), router output becomes LINK_DATA on the
+//! interface's link, and router install/uninstall events go to the [`FibSink`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use hypha_proto::babel::Prefix;
+use hypha_proto::time::Instant;
+use hypha_proto::wire::FrameType;
+
+use super::peers::PeerTable;
+use crate::api::{AdminInfo, Metric, RouteInfo, Snapshot, Stats};
+use crate::babel::{
+    Event as RouterEvent, InterfaceConfig, InterfaceId, RouteFilter, Router, RouterConfig,
+};
+use crate::config::RunConfig;
+use crate::fib::{FibEntry, FibSink, FibTable, NextHop};
+use crate::link::{Channel, LinkConfig, LinkEvent, LinkId, LinkLayer};
+
+/// Who this node is.
+#[derive(Clone)]
+pub struct Identity {
+    /// The static X25519 secret.
+    pub secret: [u8; 32],
+    /// Its public key.
+    pub public: [u8; 32],
+    /// The overlay address derived from the public key.
+    pub addr: Ipv6Addr,
+    /// The /64 the key owns.
+    pub subnet: Prefix,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("public", &hex::encode(self.public))
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Timers and seeds of a node (from [`RunConfig`] in the daemon, chosen freely in tests).
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Babel hello interval; link keepalives use it too.
+    pub hello_interval: Duration,
+    /// Babel periodic update interval.
+    pub update_interval: Duration,
+    /// Network key for the link handshake.
+    pub network_key: Option<[u8; 32]>,
+    /// Configured peers.
+    pub peers: Vec<SocketAddr>,
+    /// Seed of every RNG in the node.
+    pub seed: u64,
+}
+
+impl NodeConfig {
+    /// The node part of a daemon configuration.
+    pub fn from_run(cfg: &RunConfig, seed: u64) -> Self {
+        NodeConfig {
+            hello_interval: cfg.hello_interval,
+            update_interval: cfg.update_interval,
+            network_key: cfg.network_key,
+            peers: cfg.peers.iter().map(|p| p.0).collect(),
+            seed,
+        }
+    }
+}
+
+/// Counters of the glue and the loop around it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeCounters {
+    /// Datagrams received on the socket.
+    pub rx_datagrams: u64,
+    /// Datagrams sent.
+    pub tx_datagrams: u64,
+    /// DATA frames dropped because there is no dataplane (`--no-dataplane`).
+    pub data_without_dataplane: u64,
+    /// Datagrams whose first byte is no known frame type (or empty).
+    pub unknown_frame_type: u64,
+    /// Datagrams the link layer dropped (it counts why).
+    pub link_dropped: u64,
+    /// Babel packets that could not be sent on their link.
+    pub babel_send_failed: u64,
+    /// Router transmits for an interface without a link (raced with a Down).
+    pub babel_no_link: u64,
+    /// Send errors on the socket other than "would block".
+    pub socket_send_errors: u64,
+    /// Receive errors on the socket other than "would block".
+    pub socket_recv_errors: u64,
+    /// Links that came up.
+    pub links_up: u64,
+    /// Links that went down.
+    pub links_down: u64,
+}
+
+struct Attached {
+    iface: InterfaceId,
+    neighbour: IpAddr,
+    endpoint: SocketAddr,
+}
+
+/// A node's control plane without I/O.
+pub struct Node<F: FibSink = FibTable> {
+    identity: Identity,
+    link: LinkLayer,
+    router: Router,
+    peers: PeerTable<LinkId>,
+    fib: F,
+    attached: BTreeMap<LinkId, Attached>,
+    by_iface: BTreeMap<InterfaceId, LinkId>,
+    next_iface: u32,
+    babel_buf: Vec<u8>,
+    counters: RuntimeCounters,
+    changed: bool,
+    hello_interval: Duration,
+    update_interval: Duration,
+}
+
+impl<F: FibSink> Node<F> {
+    /// A node that originates its own /64 and will connect to its configured peers.
+    pub fn new(identity: Identity, cfg: &NodeConfig, fib: F, now: Instant) -> Self {
+        let mut lc = LinkConfig::new(identity.secret);
+        lc.network_key = cfg.network_key;
+        lc.seed = cfg.seed;
+        // Keepalives at the hello rate; a link is dead after about four missed hellos (never
+        // sooner than 2 s, so a short hello interval in tests does not make links flap).
+        lc.keepalive_interval = cfg.hello_interval;
+        lc.dead_interval = (cfg.hello_interval * 4).max(Duration::from_secs(2));
+        lc.handshake_timeout = lc.handshake_timeout.min(lc.dead_interval * 2);
+        let link = LinkLayer::new(lc, now);
+
+        // Router-id: 4 stable bytes from the key, 4 random per start (RouterConfig::new).
+        let stable = [
+            identity.public[0],
+            identity.public[1],
+            identity.public[2],
+            identity.public[3],
+        ];
+        let rc = RouterConfig::new(stable, cfg.seed ^ 0x9e37_79b9_7f4a_7c15)
+            .with_filter(RouteFilter::Overlay);
+        let mut router = Router::new(rc, now);
+        router.originate(now, identity.subnet, Some(identity.public));
+
+        Node {
+            peers: PeerTable::new(now, &cfg.peers, cfg.seed.rotate_left(17)),
+            identity,
+            link,
+            router,
+            fib,
+            attached: BTreeMap::new(),
+            by_iface: BTreeMap::new(),
+            next_iface: 1,
+            babel_buf: Vec::with_capacity(2048),
+            counters: RuntimeCounters::default(),
+            changed: true,
+            hello_interval: cfg.hello_interval,
+            update_interval: cfg.update_interval,
+        }
+    }
+
+    /// One datagram from `from` (IPv4 not v4-mapped).
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.counters.rx_datagrams += 1;
+        self.peers.count_rx(from, datagram.len());
+        match FrameType::of(datagram) {
+            Ok(t) if t.is_control() => {
+                if let Err(e) = self.link.handle_datagram(now, from, datagram) {
+                    self.counters.link_dropped += 1;
+                    tracing::trace!(%from, error = %e, "link frame dropped");
+                }
+            }
+            Ok(_) => self.counters.data_without_dataplane += 1,
+            Err(_) => self.counters.unknown_frame_type += 1,
+        }
+        self.process(now);
+    }
+
+    /// Runs the timers due at `now` (a spurious call does nothing).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.link.handle_timeout(now);
+        self.router.handle_timeout(now);
+        self.peers.handle_timeout(now);
+        self.process(now);
+    }
+
+    /// The next datagram to send, written into `buf`.
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<SocketAddr> {
+        let to = self.link.poll_transmit(buf)?;
+        self.counters.tx_datagrams += 1;
+        self.peers.count_tx(to, buf.len());
+        Some(to)
+    }
+
+    /// When [`Node::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.link.poll_timeout(),
+            self.router.poll_timeout(),
+            self.peers.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Moves events between the cores until none of them has anything left.
+    fn process(&mut self, now: Instant) {
+        loop {
+            let mut progress = false;
+            while let Some(remote) = self.peers.poll_connect(now) {
+                tracing::debug!(%remote, "connecting");
+                self.link.connect(now, remote);
+                progress = true;
+            }
+            while let Some(ev) = self.link.poll_event() {
+                self.on_link_event(now, ev);
+                progress = true;
+            }
+            while let Some(t) = self.router.poll_transmit(now, &mut self.babel_buf) {
+                progress = true;
+                let Some(&link) = self.by_iface.get(&t.iface) else {
+                    self.counters.babel_no_link += 1;
+                    continue;
+                };
+                if let Err(e) = self.link.send(now, link, Channel::Babel, &self.babel_buf) {
+                    self.counters.babel_send_failed += 1;
+                    tracing::debug!(?link, error = %e, "cannot send Babel packet");
+                }
+            }
+            while let Some(ev) = self.router.poll_event() {
+                self.on_router_event(ev);
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+    }
+
+    fn on_link_event(&mut self, now: Instant, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Up {
+                link,
+                remote,
+                peer_key,
+            } => {
+                self.counters.links_up += 1;
+                let neighbour = IpAddr::V6(overlay_addr(&peer_key));
+                tracing::info!(%remote, %neighbour, "link up");
+                let iface = InterfaceId(self.next_iface);
+                self.next_iface = self.next_iface.wrapping_add(1);
+                self.router.add_interface(
+                    now,
+                    iface,
+                    InterfaceConfig::point_to_point()
+                        .with_intervals(self.hello_interval, self.update_interval),
+                );
+                self.attached.insert(
+                    link,
+                    Attached {
+                        iface,
+                        neighbour,
+                        endpoint: remote,
+                    },
+                );
+                self.by_iface.insert(iface, link);
+                self.peers
+                    .on_up(link, remote, (hex::encode(peer_key), neighbour.to_string()));
+                self.changed = true;
+            }
+            LinkEvent::Down { link, reason } => {
+                self.counters.links_down += 1;
+                if let Some(a) = self.attached.remove(&link) {
+                    tracing::info!(remote = %a.endpoint, %reason, "link down");
+                    self.by_iface.remove(&a.iface);
+                    self.router.remove_interface(now, a.iface);
+                }
+                self.peers.on_down(now, link);
+                self.changed = true;
+            }
+            LinkEvent::Received {
+                link,
+                channel: Channel::Babel,
+                payload,
+            } => {
+                if let Some(a) = self.attached.get(&link) {
+                    // Errors are counted by the router; the valid parts were processed.
+                    if let Err(e) = self
+                        .router
+                        .handle_packet(now, a.iface, a.neighbour, &payload)
+                    {
+                        tracing::debug!(neighbour = %a.neighbour, error = %e, "Babel packet");
+                    }
+                }
+            }
+            LinkEvent::Received { .. } => {}
+            LinkEvent::HandshakeFailed { remote, reason } => {
+                tracing::info!(%remote, %reason, "handshake failed");
+                self.peers.on_handshake_failed(now, remote);
+                self.changed = true;
+            }
+        }
+    }
+
+    fn on_router_event(&mut self, ev: RouterEvent) {
+        match ev {
+            RouterEvent::Install {
+                prefix,
+                iface,
+                next_hop,
+                metric,
+            } => {
+                let Some(endpoint) = self.endpoint_of_iface(iface) else {
+                    return;
+                };
+                let seqno = self.router.selected_route(&prefix).map_or(0, |r| r.seqno.0);
+                self.fib.install(
+                    prefix,
+                    FibEntry {
+                        next_hop: NextHop {
+                            endpoint,
+                            neighbour: next_hop,
+                        },
+                        metric,
+                        seqno,
+                    },
+                );
+                self.changed = true;
+            }
+            RouterEvent::Uninstall { prefix, .. } => {
+                self.fib.uninstall(prefix);
+                self.changed = true;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the API's view changed since [`Node::clear_changed`] (counters aside).
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// Marks the current state as published.
+    pub fn clear_changed(&mut self) {
+        self.changed = false;
+    }
+
+    /// The FIB sink.
+    pub fn fib(&self) -> &F {
+        &self.fib
+    }
+
+    /// The node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Runtime counters (the loop adds its socket errors through [`Node::counters_mut`]).
+    pub fn counters(&self) -> &RuntimeCounters {
+        &self.counters
+    }
+
+    /// Runtime counters, for the loop.
+    pub fn counters_mut(&mut self) -> &mut RuntimeCounters {
+        &mut self.counters
+    }
+
+    /// Number of peers with a live link.
+    pub fn alive_peers(&self) -> usize {
+        self.peers.alive()
+    }
+
+    fn endpoint_of_iface(&self, iface: InterfaceId) -> Option<SocketAddr> {
+        let link = self.by_iface.get(&iface)?;
+        self.attached.get(link).map(|a| a.endpoint)
+    }
+
+    /// Everything the API serves. `start_time` is the Unix time the node started.
+    pub fn snapshot(&self, start_time: u64) -> Snapshot {
+        let admin = AdminInfo {
+            node_subnet: self.identity.subnet.to_string(),
+            node_ip: self.identity.addr.to_string(),
+            node_pubkey: hex::encode(self.identity.public),
+            node_start_time: start_time,
+        };
+        let mut selected = Vec::new();
+        let mut fallback = Vec::new();
+        for r in self.router.routes() {
+            let endpoint = self.endpoint_of_iface(r.neighbour.iface);
+            let info = RouteInfo {
+                subnet: r.prefix.to_string(),
+                next_hop: endpoint.map_or_else(|| r.next_hop.to_string(), |e| format!("udp://{e}")),
+                metric: Metric::from_babel(r.metric),
+                seqno: r.seqno.0,
+                next_hop_ip: Some(r.next_hop.to_string()),
+            };
+            if r.selected {
+                selected.push(info);
+            } else {
+                fallback.push(info);
+            }
+        }
+        Snapshot {
+            admin,
+            peers: self.peers.infos(),
+            selected,
+            fallback,
+            stats: self.stats(),
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let mut s = Stats::new();
+        let l = self.link.counters();
+        let link = s.entry("link".into()).or_default();
+        for (k, v) in [
+            ("rx_datagrams", l.rx_datagrams),
+            ("malformed", l.malformed),
+            ("unknown_index", l.unknown_index),
+            ("replay_duplicate", l.replay_duplicate),
+            ("replay_too_old", l.replay_too_old),
+            ("auth_failures", l.auth_failures),
+            ("expired_session", l.expired_session),
+            ("unknown_channel", l.unknown_channel),
+            ("handshake_rate_limited", l.handshake_rate_limited),
+            ("handshake_unexpected", l.handshake_unexpected),
+            ("handshakes_initiated", l.handshakes_initiated),
+            ("handshakes_completed", l.handshakes_completed),
+            ("handshakes_failed", l.handshakes_failed),
+            ("handshake_timeouts", l.handshake_timeouts),
+            ("handshake_retransmits", l.handshake_retransmits),
+            ("half_open_evicted", l.half_open_evicted),
+            ("rekeys", l.rekeys),
+            ("keepalives_sent", l.keepalives_sent),
+            ("tx_queue_full", l.tx_queue_full),
+            ("events_dropped", l.events_dropped),
+        ] {
+            link.insert(k.into(), v);
+        }
+        let b = self.router.counters();
+        let babel = s.entry("babel".into()).or_default();
+        for (k, v) in [
+            ("packets_received", b.packets_received),
+            ("packets_invalid", b.packets_invalid),
+            ("packets_sent", b.packets_sent),
+            ("tlvs_received", b.tlvs_received),
+            ("tlvs_invalid", b.tlvs_invalid),
+            ("tlvs_unknown", b.tlvs_unknown),
+            ("tlvs_ignored", b.tlvs_ignored),
+            ("updates_received", b.updates_received),
+            ("updates_filtered", b.updates_filtered),
+            ("updates_no_next_hop", b.updates_no_next_hop),
+            ("updates_unfeasible", b.updates_unfeasible),
+            ("updates_for_own_prefix", b.updates_for_own_prefix),
+            ("ihus_not_for_us", b.ihus_not_for_us),
+            ("route_requests_received", b.route_requests_received),
+            ("seqno_requests_received", b.seqno_requests_received),
+            ("seqno_requests_forwarded", b.seqno_requests_forwarded),
+            ("seqno_requests_sent", b.seqno_requests_sent),
+            ("seqno_requests_duplicate", b.seqno_requests_duplicate),
+            ("seqno_bumps", b.seqno_bumps),
+            ("routes_refused", b.routes_refused),
+            ("neighbours_refused", b.neighbours_refused),
+            ("output_dropped", b.output_dropped),
+        ] {
+            babel.insert(k.into(), v);
+        }
+        let c = &self.counters;
+        let rt = s.entry("runtime".into()).or_default();
+        for (k, v) in [
+            ("rx_datagrams", c.rx_datagrams),
+            ("tx_datagrams", c.tx_datagrams),
+            ("data_without_dataplane", c.data_without_dataplane),
+            ("unknown_frame_type", c.unknown_frame_type),
+            ("link_dropped", c.link_dropped),
+            ("babel_send_failed", c.babel_send_failed),
+            ("babel_no_link", c.babel_no_link),
+            ("socket_send_errors", c.socket_send_errors),
+            ("socket_recv_errors", c.socket_recv_errors),
+            ("links_up", c.links_up),
+            ("links_down", c.links_down),
+            ("peers_alive", self.peers.alive() as u64),
+        ] {
+            rt.insert(k.into(), v);
+        }
+        s
+    }
+}
+
+/// The overlay address of a public key.
+fn overlay_addr(key: &[u8; 32]) -> Ipv6Addr {
+    hypha_proto::key::PublicKey::from_bytes(*key)
+        .address()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Nodes wired together in memory on virtual time: the glue is tested without sockets.
+
+    use super::*;
+    use std::collections::HashSet;
+
+    use hypha_proto::key::SecretKey;
+
+    /// A zero-latency network of nodes; `cut` pairs drop everything between them.
+    struct Net {
+        nodes: Vec<Node>,
+        addrs: Vec<SocketAddr>,
+        cut: HashSet<(usize, usize)>,
+        now: Instant,
+    }
+
+    fn addr(i: usize) -> SocketAddr {
+        SocketAddr::new(
+            IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, i as u8 + 1)),
+            9651,
+        )
+    }
+
+    impl Net {
+        /// `links` are (dialled, dialler) pairs.
+        fn new(n: usize, links: &[(usize, usize)], keys: &[Option<[u8; 32]>]) -> Net {
+            let now = Instant::from_secs(1);
+            let nodes = (0..n)
+                .map(|i| {
+                    let id = crate::daemon::identity(&SecretKey::from_bytes([i as u8 + 1; 32]));
+                    let cfg = NodeConfig {
+                        hello_interval: Duration::from_millis(500),
+                        update_interval: Duration::from_secs(2),
+                        network_key: keys.get(i).copied().flatten(),
+                        peers: links
+                            .iter()
+                            .filter(|(_, d)| *d == i)
+                            .map(|(t, _)| addr(*t))
+                            .collect(),
+                        seed: i as u64,
+                    };
+                    Node::new(id, &cfg, FibTable::new(), now)
+                })
+                .collect();
+            Net {
+                nodes,
+                addrs: (0..n).map(addr).collect(),
+                cut: HashSet::new(),
+                now,
+            }
+        }
+
+        fn deliver(&mut self) {
+            let mut buf = Vec::new();
+            for _ in 0..10_000 {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    while let Some(to) = self.nodes[i].poll_transmit(&mut buf) {
+                        moved = true;
+                        let Some(j) = self.addrs.iter().position(|a| *a == to) else {
+                            continue;
+                        };
+                        if self.cut.contains(&(i.min(j), i.max(j))) {
+                            continue;
+                        }
+                        let (now, from) = (self.now, self.addrs[i]);
+                        self.nodes[j].handle_datagram(now, from, &buf);
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("the network never went quiet");
+        }
+
+        /// Runs until `done` holds or `limit` of virtual time passed; returns the time taken.
+        fn run_until(&mut self, limit: Duration, done: impl Fn(&Net) -> bool) -> Option<Duration> {
+            let start = self.now;
+            loop {
+                self.deliver();
+                if done(self) {
+                    return Some(self.now - start);
+                }
+                let next = self.nodes.iter().filter_map(|n| n.poll_timeout()).min()?;
+                if next - start > limit {
+                    return None;
+                }
+                self.now = self.now.max(next);
+                for n in &mut self.nodes {
+                    if n.poll_timeout().is_some_and(|t| t <= self.now) {
+                        n.handle_timeout(self.now);
+                    }
+                }
+            }
+        }
+
+        fn converged(&self) -> bool {
+            self.nodes.iter().enumerate().all(|(i, n)| {
+                self.nodes
+                    .iter()
+                    .enumerate()
+                    .all(|(j, m)| i == j || n.fib().get(&m.identity().subnet).is_some())
+            })
+        }
+    }
+
+    #[test]
+    fn a_line_converges_and_the_api_shows_it() {
+        let mut net = Net::new(3, &[(0, 1), (1, 2)], &[]);
+        let t = net
+            .run_until(Duration::from_secs(30), Net::converged)
+            .expect("three nodes converge");
+        eprintln!("3-node line converged in {t:?} virtual");
+        let snap = net.nodes[0].snapshot(42);
+        assert_eq!(snap.admin.node_start_time, 42);
+        assert_eq!(
+            snap.admin.node_subnet,
+            net.nodes[0].identity().subnet.to_string()
+        );
+        let others = snap
+            .selected
+            .iter()
+            .filter(|r| r.subnet != snap.admin.node_subnet)
+            .count();
+        assert_eq!(others, 2, "{:?}", snap.selected);
+        let to_c = net.nodes[2].identity().subnet.to_string();
+        let r = snap
+            .selected
+            .iter()
+            .find(|r| r.subnet == to_c)
+            .expect("route a→c");
+        assert_eq!(r.next_hop, format!("udp://{}", addr(1)));
+        // The FIB sink saw exactly the selected routes, with the same next hops.
+        let fib = net.nodes[0].fib();
+        assert_eq!(fib.len(), snap.selected.len());
+        for r in &snap.selected {
+            let (_, e) = fib
+                .iter()
+                .find(|(p, _)| p.to_string() == r.subnet)
+                .expect("selected route in the FIB");
+            assert_eq!(format!("udp://{}", e.next_hop.endpoint), r.next_hop);
+        }
+        assert_eq!(snap.peers.len(), 1);
+        assert_eq!(
+            snap.peers[0].connection_state,
+            crate::api::ConnectionState::Alive
+        );
+        assert!(snap.stats["link"]["handshakes_completed"] >= 1);
+        // The middle node dialled one peer and was dialled by the other.
+        let kinds: Vec<_> = net.nodes[1]
+            .snapshot(0)
+            .peers
+            .iter()
+            .map(|p| p.kind)
+            .collect();
+        assert!(kinds.contains(&crate::api::PeerType::Static));
+        assert!(kinds.contains(&crate::api::PeerType::Inbound));
+    }
+
+    #[test]
+    fn a_dead_link_is_retried_and_comes_back() {
+        let mut net = Net::new(2, &[(0, 1)], &[]);
+        net.run_until(Duration::from_secs(30), Net::converged)
+            .expect("converge");
+        net.cut.insert((0, 1));
+        net.run_until(Duration::from_secs(60), |n| {
+            n.nodes[1].alive_peers() == 0 && n.nodes[0].alive_peers() == 0
+        })
+        .expect("the link dies");
+        assert!(net.nodes[1].fib().is_empty(), "no route over a dead link");
+        // Node 1 keeps retrying with backoff; once the cut heals the link comes back.
+        net.run_until(Duration::from_secs(20), |_| false);
+        net.cut.clear();
+        let t = net
+            .run_until(Duration::from_secs(60), |n| {
+                n.converged() && n.nodes[1].alive_peers() == 1
+            })
+            .expect("reconnect after the cut heals");
+        eprintln!("reconnected {t:?} after the heal");
+        assert!(net.nodes[1].counters().links_up >= 2);
+    }
+
+    #[test]
+    fn a_node_without_the_network_key_is_refused() {
+        let key = Some([9u8; 32]);
+        let mut net = Net::new(3, &[(0, 1), (1, 2)], &[key, key, None]);
+        net.run_until(Duration::from_secs(30), |n| {
+            n.nodes[0]
+                .fib()
+                .get(&n.nodes[1].identity().subnet)
+                .is_some()
+        })
+        .expect("the two keyed nodes converge");
+        net.run_until(Duration::from_secs(30), |_| false);
+        assert_eq!(net.nodes[2].alive_peers(), 0);
+        assert!(net.nodes[2].fib().is_empty());
+        assert_eq!(net.nodes[1].alive_peers(), 1);
+        // The keyed node refuses the keyless one's handshakes (with a network key, message 1
+        // carries a tag, so a keyless LINK_INIT does not even parse); the keyless node times out.
+        let s = net.nodes[1].snapshot(0).stats;
+        assert!(
+            s["link"]["malformed"] + s["link"]["handshakes_failed"] > 0,
+            "{s:?}"
+        );
+        let s = net.nodes[2].snapshot(0).stats;
+        assert!(
+            s["link"]["handshake_timeouts"] + s["link"]["handshakes_failed"] > 0,
+            "{s:?}"
+        );
+        assert_eq!(
+            net.nodes[2].snapshot(0).peers[0].connection_state,
+            crate::api::ConnectionState::Dead
+        );
+    }
+
+    #[test]
+    fn peers_that_dial_each_other_share_one_link() {
+        let mut net = Net::new(2, &[(0, 1), (1, 0)], &[]);
+        net.run_until(Duration::from_secs(30), Net::converged)
+            .expect("converge");
+        net.run_until(Duration::from_secs(5), |_| false);
+        for n in &net.nodes {
+            let snap = n.snapshot(0);
+            assert_eq!(snap.peers.len(), 1, "{:?}", snap.peers);
+            assert_eq!(snap.peers[0].kind, crate::api::PeerType::Static);
+            assert_eq!(
+                snap.peers[0].connection_state,
+                crate::api::ConnectionState::Alive
+            );
+            assert_eq!(snap.selected.len(), 1, "{:?}", snap.selected);
+        }
+    }
+
+    #[test]
+    fn garbage_is_counted_not_fatal() {
+        let mut net = Net::new(1, &[], &[]);
+        let now = net.now;
+        let n = &mut net.nodes[0];
+        for d in [
+            &b""[..],
+            &[0x01, 0, 0],
+            &[0x05; 30],
+            &[0x02; 3],
+            &[0xff, 1, 2],
+        ] {
+            n.handle_datagram(now, addr(7), d);
+        }
+        let c = n.counters();
+        assert_eq!(c.rx_datagrams, 5);
+        assert_eq!(c.data_without_dataplane, 1);
+        assert_eq!(c.unknown_frame_type, 2);
+        assert_eq!(c.link_dropped, 2);
+    }
+}
