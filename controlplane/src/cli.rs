@@ -54,6 +54,8 @@ pub enum Command {
     Peers(hypha_controlplane::client::PeersArgs),
     /// Show the running node's routes (`selected`, the default, or `fallback`).
     Routes(hypha_controlplane::client::RoutesArgs),
+    /// Show the running node's counters (routing, links, message bus).
+    Stats(hypha_controlplane::client::StatsArgs),
 }
 
 /// Arguments of `hypha generate-keys`.
