@@ -4,6 +4,7 @@
 //! `run`, `peers` or `routes` means one variant, one module and one arm in `main`'s dispatch.
 
 pub mod identity;
+pub mod message;
 
 use std::io;
 use std::path::PathBuf;
@@ -45,12 +46,16 @@ pub enum Command {
     /// Print a public key and the overlay address derived from it (by default the node's own, from
     /// the key file, which is created if missing).
     Inspect(InspectArgs),
+    /// Send, receive and track messages through the running node's API.
+    Message(message::MessageArgs),
     /// Run the node (for now routing only: requires --no-dataplane).
     Run(hypha_controlplane::config::RunArgs),
     /// Show the running node's peers (`list`, the default).
     Peers(hypha_controlplane::client::PeersArgs),
     /// Show the running node's routes (`selected`, the default, or `fallback`).
     Routes(hypha_controlplane::client::RoutesArgs),
+    /// Show the running node's counters (routing, links, message bus).
+    Stats(hypha_controlplane::client::StatsArgs),
 }
 
 /// Arguments of `hypha generate-keys`.
@@ -85,6 +90,9 @@ pub enum CliError {
     /// JSON output could not be produced.
     #[error("cannot encode JSON output: {0}")]
     Json(#[from] serde_json::Error),
+    /// The node's API could not be reached or refused the request.
+    #[error("{0}")]
+    Api(String),
 }
 
 impl CliError {
@@ -92,7 +100,7 @@ impl CliError {
     /// 1 for everything that went wrong while running.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::KeyFile(_) | CliError::Output(_) | CliError::Json(_) => 1,
+            CliError::KeyFile(_) | CliError::Output(_) | CliError::Json(_) | CliError::Api(_) => 1,
         }
     }
 }

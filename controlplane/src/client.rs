@@ -249,6 +249,37 @@ pub fn routes_text(
     Ok(routes_table(&routes))
 }
 
+/// `hypha stats [--json]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatsArgs {
+    /// Address of the node's HTTP API.
+    #[arg(long = "api-addr", value_name = "ADDR", default_value_t = DEFAULT_API_ADDR)]
+    pub api_addr: SocketAddr,
+}
+
+/// `hypha stats`: the node's counters, grouped by subsystem.
+pub fn stats(args: &StatsArgs, json: bool) -> ExitCode {
+    report(stats_text(args.api_addr, json))
+}
+
+/// The output of `hypha stats`: `group.counter value` lines, or the JSON.
+pub fn stats_text(addr: SocketAddr, json: bool) -> Result<String, ClientError> {
+    let v = get_json(addr, "/api/v1/admin/stats")?;
+    if json {
+        return pretty(&v);
+    }
+    let stats: crate::api::Stats = serde_json::from_value(v)?;
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .flat_map(|(group, counters)| {
+            counters
+                .iter()
+                .map(move |(name, value)| vec![format!("{group}.{name}"), value.to_string()])
+        })
+        .collect();
+    Ok(table(&["COUNTER", "VALUE"], &rows))
+}
+
 /// The node's own identity (used by tests and tools).
 pub fn admin(addr: SocketAddr) -> Result<AdminInfo, ClientError> {
     Ok(serde_json::from_value(get_json(addr, "/api/v1/admin")?)?)

@@ -13,13 +13,18 @@ use hypha_proto::babel::Prefix;
 use hypha_proto::key;
 use hypha_proto::time::Clock;
 
-use crate::api::{ApiServer, Snapshot};
+use crate::api::Snapshot;
+use crate::bus::api::{ApiServer as BusApiServer, Fallback, MessageApi, Reply};
+use crate::bus::shared::{NoTransport, SharedBus};
+use crate::bus::BusConfig;
 use crate::config::{RunArgs, RunConfig};
 use crate::fib::FibTable;
 use crate::runtime::event_loop::EventLoop;
 use crate::runtime::node::{Identity, Node, NodeConfig};
 use crate::runtime::signals::Signals;
 use crate::runtime::udp;
+use hypha_proto::addr::OverlayAddr;
+use hypha_proto::key::PublicKey;
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +131,45 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
     );
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     snapshot.store(Arc::new(node.snapshot(start_unix)));
-    let api = ApiServer::start(config.api_addr, Arc::clone(&snapshot))?;
+    // The message bus. Without a dataplane there are no E2E sessions, so only messages to our own
+    // address are delivered; frames for other nodes are dropped and retransmitted until their
+    // deadline (the dataplane integration replaces NoTransport).
+    let own =
+        OverlayAddr::new(identity.addr).map_err(|e| DaemonError::Loop(std::io::Error::other(e)))?;
+    let bus = SharedBus::new(
+        BusConfig {
+            rng_seed: rand::random(),
+            ..BusConfig::default()
+        },
+        own,
+    );
+    let _bus_driver = bus
+        .spawn_driver(Box::new(NoTransport::default()))
+        .map_err(DaemonError::Loop)?;
+    let keys_snapshot = Arc::clone(&snapshot);
+    let message_api = Arc::new(MessageApi::new(
+        Arc::clone(&bus),
+        PublicKey::from_bytes(identity.public),
+        Box::new(move |a: OverlayAddr| key_of(&keys_snapshot.load(), a)),
+    ));
+    let admin_snapshot = Arc::clone(&snapshot);
+    let admin_bus = Arc::clone(&bus);
+    let fallback: Fallback = Box::new(move |method, url, _body| {
+        let mut snap = (**admin_snapshot.load()).clone();
+        add_bus_stats(&mut snap, &admin_bus);
+        let r = crate::api::dispatch(method, url, &snap);
+        Reply {
+            status: r.status,
+            body: r.body,
+            content_type: "application/json",
+        }
+    });
+    let api = BusApiServer::start(config.api_addr, message_api, fallback).map_err(|e| {
+        DaemonError::Api(crate::api::ApiServerError::Bind {
+            addr: config.api_addr,
+            message: e.to_string(),
+        })
+    })?;
 
     tracing::info!(
         address = %identity.addr,
@@ -145,4 +188,36 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
     tracing::info!(signal = signo, "shutting down");
     drop(api);
     Ok(())
+}
+
+/// The key of the node at `a`, from what the snapshot knows (linked peers' keys).
+fn key_of(snap: &Snapshot, a: OverlayAddr) -> Option<PublicKey> {
+    let ip = a.to_string();
+    snap.peers
+        .iter()
+        .filter(|p| p.overlay_ip.as_deref() == Some(ip.as_str()))
+        .find_map(|p| p.pubkey.as_deref())
+        .and_then(|k| k.parse().ok())
+}
+
+/// Puts the message bus's counters under `bus` in `GET /api/v1/admin/stats`.
+fn add_bus_stats(snap: &mut Snapshot, bus: &SharedBus) {
+    let c = bus.counters();
+    let g = snap.stats.entry("bus".into()).or_default();
+    for (k, v) in [
+        ("outbound_bytes", c.outbound_bytes as u64),
+        ("inbound_bytes", c.inbound_bytes as u64),
+        ("inbox", c.inbox_len as u64),
+        ("pushed", c.pushed),
+        ("push_refused", c.push_refused),
+        ("delivered", c.delivered),
+        ("aborted", c.aborted),
+        ("received", c.received),
+        ("read", c.read),
+        ("chunks_sent", c.chunks_sent),
+        ("chunks_retransmitted", c.chunks_retransmitted),
+        ("malformed_frames", c.malformed_frames),
+    ] {
+        g.insert(k.into(), v);
+    }
 }

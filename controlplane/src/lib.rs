@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod babel;
+pub mod bus;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -39,7 +39,8 @@ fn main() -> ExitCode {
         }
         Command::Peers(args) => return hypha_controlplane::client::peers(args, cli.json),
         Command::Routes(args) => return hypha_controlplane::client::routes(args, cli.json),
-        Command::GenerateKeys(_) | Command::Inspect(_) => {}
+        Command::Stats(args) => return hypha_controlplane::client::stats(args, cli.json),
+        Command::GenerateKeys(_) | Command::Inspect(_) | Command::Message(_) => {}
     }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,8 +56,9 @@ fn run(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::GenerateKeys(args) => cli::identity::generate_keys(cli, args),
         Command::Inspect(args) => cli::identity::inspect(cli, args),
+        Command::Message(args) => cli::message::run(cli, args),
         // Dispatched in `main`: they report their own errors and exit codes.
-        Command::Run(_) | Command::Peers(_) | Command::Routes(_) => Ok(()),
+        Command::Run(_) | Command::Peers(_) | Command::Routes(_) | Command::Stats(_) => Ok(()),
     }
 }
 

@@ -189,6 +189,77 @@ fn config_file_flags_over_it_api_and_sigterm() {
     assert_ne!(peers[0]["connectionState"], "alive");
     let o = run(&["routes", "fallback", "--api-addr", &api.to_string()]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "no routes\n");
+    // The message bus through the real daemon: a message to ourselves, then `hypha stats` shows it.
+    let apis = api.to_string();
+    let o = run(&[
+        "message",
+        "--api-addr",
+        &apis,
+        "send",
+        &admin.node_ip,
+        "--topic",
+        "t",
+        "hi",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = run(&[
+        "message",
+        "--api-addr",
+        &apis,
+        "receive",
+        "--topic",
+        "t",
+        "--timeout",
+        "5",
+        "--raw",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi", "{}", stderr(&o));
+    let o = run(&["stats", "--json", "--api-addr", &apis]);
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stats JSON");
+    assert_eq!(stats["bus"]["delivered"], 1, "{stats}");
+    assert_eq!(stats["bus"]["read"], 1, "{stats}");
+    assert!(stats["babel"].is_object());
+    let o = run(&["stats", "--api-addr", &apis]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("bus.pushed"));
+    // A long poll on an empty inbox returns 204 after 5 s, and the daemon process sleeps meanwhile.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc");
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.to_owned())
+            .expect("stat");
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().expect("ticks"))
+            .collect();
+        f.iter().sum::<u64>()
+    };
+    let before = cpu();
+    let t0 = Instant::now();
+    let o = run(&[
+        "message",
+        "--api-addr",
+        &apis,
+        "--json",
+        "receive",
+        "--timeout",
+        "5",
+    ]);
+    let took = t0.elapsed();
+    let used = cpu() - before;
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "null");
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(7),
+        "{took:?}"
+    );
+    // Babel hellos every 300 ms cost a little; busy polling would be ~500 ticks.
+    assert!(
+        used < 40,
+        "the daemon used {used} ticks during a 5 s long poll"
+    );
+
     // The UDP port from the file is taken.
     assert!(
         UdpSocket::bind(("::", port)).is_err(),
