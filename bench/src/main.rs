@@ -38,7 +38,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u32,
         /// UDP rate for the loss measurement (iperf3 -b syntax).
-        #[arg(long, default_value = "1G")]
+        #[arg(long, default_value = "300M")]
         udp_rate: String,
         /// Pings (every 10 ms) per idle RTT measurement; --quick makes it 100.
         #[arg(long, default_value_t = 500)]

@@ -381,10 +381,10 @@ impl Runner<'_> {
         Ok(srv)
     }
 
-    fn client_args(&self, port: u16, extra: &[&str]) -> Vec<String> {
+    fn client_args(&self, port: u16, secs: u32, extra: &[&str]) -> Vec<String> {
         let dst = self.dst.to_string();
         let ps = port.to_string();
-        let t = self.secs.to_string();
+        let t = secs.to_string();
         let mut a = vec![
             "iperf3",
             "-c",
@@ -398,11 +398,11 @@ impl Runner<'_> {
             "3000",
         ];
         a.extend_from_slice(extra);
-        with_timeout(u64::from(self.secs) + 20, &a)
+        with_timeout(u64::from(secs) + 20, &a)
     }
 
     /// `iperf3 -c` with `extra` arguments; returns its JSON and the CPU used.
-    fn iperf(&self, extra: &[&str]) -> Result<(serde_json::Value, CpuUse), BenchError> {
+    fn iperf(&self, secs: u32, extra: &[&str]) -> Result<(serde_json::Value, CpuUse), BenchError> {
         let port = next_port();
         let srv = self.start_server(port)?;
         let before = self.cpu.snap();
@@ -410,10 +410,10 @@ impl Runner<'_> {
             self.client,
             "iperf3-c",
             self.cpu.endpoints,
-            &self.client_args(port, extra),
+            &self.client_args(port, secs, extra),
             &[],
         )?;
-        let r = finish(&cli, Duration::from_secs(u64::from(self.secs) + 25));
+        let r = finish(&cli, Duration::from_secs(u64::from(secs) + 25));
         let srv_done = finish(&srv, Duration::from_secs(5));
         let after = self.cpu.snap();
         r?;
@@ -425,7 +425,7 @@ impl Runner<'_> {
     /// TCP with `streams` parallel streams.
     pub fn tcp(&self, streams: u32) -> Result<TcpRun, BenchError> {
         let p = streams.to_string();
-        let (v, cpu) = self.iperf(&["-P", &p])?;
+        let (v, cpu) = self.iperf(self.secs, &["-P", &p])?;
         let sum = &v["end"]["sum_received"];
         let bytes = sum["bytes"].as_u64().unwrap_or(0);
         let bps = sum["bits_per_second"].as_f64().unwrap_or(0.0);
@@ -435,9 +435,9 @@ impl Runner<'_> {
         Ok(TcpRun { bps, bytes, cpu })
     }
 
-    /// UDP at `rate` (iperf3 syntax, e.g. `1G`) with 1200-byte datagrams.
+    /// UDP at `rate` (iperf3 syntax, e.g. `300M`) with 1200-byte datagrams, for at most 5 s.
     pub fn udp(&self, rate: &str) -> Result<UdpRun, BenchError> {
-        let (v, _) = self.iperf(&["-u", "-b", rate, "-l", "1200"])?;
+        let (v, _) = self.iperf(self.secs.min(5), &["-u", "-b", rate, "-l", "1200"])?;
         let end = &v["end"];
         let sum = if end["sum_received"].is_object() {
             &end["sum_received"]
@@ -485,7 +485,7 @@ impl Runner<'_> {
             self.client,
             "iperf3-load",
             self.cpu.endpoints,
-            &self.client_args(port, &[]),
+            &self.client_args(port, self.secs, &[]),
             &[],
         )?;
         let t0 = Instant::now();

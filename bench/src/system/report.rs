@@ -165,7 +165,7 @@ pub fn markdown(r: &Results) -> String {
         s,
         "- Each system gets fresh namespaces (hypha-testnet) joined by veth pairs; traffic goes \
          from namespace a to the last namespace. Throughput: `iperf3 -J` TCP with 1 and 4 \
-         streams (the receiver's count); loss: `iperf3 -u -b {} -l 1200`. RTT: `ping -i 0.01` \
+         streams (the receiver's count); loss: `iperf3 -u -b {} -l 1200` (at most 5 s). RTT: `ping -i 0.01` \
          ({} samples per repeat) into an HDR histogram; under load: the same pings while one \
          iperf3 TCP stream runs (starting 1 s in).",
         o.udp_rate, o.pings
@@ -244,7 +244,12 @@ fn panel(
         .fold(0.0f64, f64::max)
         .max(1.0);
     let label_of = |v: &SegmentValue<usize>| match v {
-        SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+        // Row 0 at the top: segment i shows row n-1-i.
+        SegmentValue::CenterOf(i) => n
+            .checked_sub(1 + *i)
+            .and_then(|r| labels.get(r))
+            .cloned()
+            .unwrap_or_default(),
         _ => String::new(),
     };
     let mut builder = ChartBuilder::on(area);
@@ -275,7 +280,8 @@ fn panel(
                     .iter()
                     .enumerate()
                     .filter(|(_, v)| v.is_finite() && **v > 0.0)
-                    .map(|(i, v)| {
+                    .map(|(row, v)| {
+                        let i = n - 1 - row;
                         let mut r = Rectangle::new(
                             [
                                 ($lo, SegmentValue::Exact(i)),
