@@ -68,6 +68,14 @@ fn num(v: f64, digits: usize) -> String {
     }
 }
 
+fn pct(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1} %")
+    } else {
+        "–".into()
+    }
+}
+
 fn ratio(v: f64, base: f64) -> String {
     if v.is_finite() && base.is_finite() && base > 0.0 {
         format!("{:.0} %", 100.0 * v / base)
@@ -131,10 +139,7 @@ pub fn markdown(r: &Results) -> String {
             ratio(t1, base1),
             gbit(t4),
             ratio(t4, base4),
-            median(&row.udp_loss)
-                .is_finite()
-                .then(|| format!("{:.1} %", median(&row.udp_loss)))
-                .unwrap_or_else(|| "–".into()),
+            pct(median(&row.udp_loss)),
             num(p50, 0),
             num(median(&row.rtt_p99), 0),
             if row.key == "veth" {
@@ -372,13 +377,28 @@ pub fn svg(r: &Results) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Writes the Markdown report and the SVG.
+/// Everything from this line on in an existing report (profile findings written by hand) is kept
+/// when the report is regenerated.
+pub const KEEP_MARKER: &str = "<!-- hand-written below: kept when the report is regenerated -->";
+
+/// The hand-written tail of an existing report, from [`KEEP_MARKER`] on.
+fn kept_tail(existing: &str) -> Option<&str> {
+    existing.find(KEEP_MARKER).and_then(|i| existing.get(i..))
+}
+
+/// Writes the Markdown report (keeping a hand-written tail) and the SVG.
 pub fn write(r: &Results) -> Result<(), BenchError> {
     let path = &r.options.out;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         let _ = std::fs::create_dir_all(dir);
     }
-    std::fs::write(path, markdown(r)).map_err(|source| BenchError::Write {
+    let mut text = markdown(r);
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    if let Some(tail) = kept_tail(&old) {
+        text.push('\n');
+        text.push_str(tail);
+    }
+    std::fs::write(path, text).map_err(|source| BenchError::Write {
         path: path.display().to_string(),
         source,
     })?;
@@ -444,8 +464,18 @@ mod tests {
         assert!(line.contains("| 40 |"), "{line}");
         assert!(md.contains("**boringtun**: not measured — `wg` not installed"));
         let svg = std::fs::read_to_string(dir.join("r.svg")).unwrap();
-        assert!(svg.starts_with("<svg") || svg.contains("<svg"));
+        assert!(svg.contains("<svg"));
         assert!(svg.contains("hypha-1w") && svg.contains("<rect"));
+        // A hand-written tail survives regeneration; the generated part is replaced.
+        std::fs::write(
+            dir.join("r.md"),
+            format!("old generated text\n{KEEP_MARKER}\n## Profile\nnotes\n"),
+        )
+        .unwrap();
+        write(&r).unwrap();
+        let md2 = std::fs::read_to_string(dir.join("r.md")).unwrap();
+        assert!(!md2.contains("old generated text"));
+        assert!(md2.contains("| hypha-1w") && md2.ends_with("## Profile\nnotes\n"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
