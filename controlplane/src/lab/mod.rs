@@ -5,6 +5,8 @@
 //! kernel FIB through rtnetlink ([`netlink`]), and RFC 8967 MAC authentication ([`mac`]) can filter
 //! packets between the two.
 
+pub mod config;
+pub mod dump;
 pub mod mac;
 pub mod netlink;
 pub mod socket;
