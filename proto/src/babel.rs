@@ -1,1 +1,0 @@
-//! Babel (RFC 8966) wire codec.
