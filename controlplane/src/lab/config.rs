@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::mac::{parse_key, MacError};
-use super::netlink::KernelPrefix;
+use hypha_proto::babel::Prefix;
 
 /// babeld's default Hello interval on wired interfaces.
 pub const DEFAULT_HELLO_INTERVAL: Duration = Duration::from_secs(4);
@@ -128,7 +128,7 @@ pub struct LabConfig {
     /// Interfaces to run Babel on.
     pub interfaces: Vec<InterfaceSettings>,
     /// Prefix filters: local addresses inside one of these are announced.
-    pub redistribute: Vec<KernelPrefix>,
+    pub redistribute: Vec<Prefix>,
     /// Where the monitor listens.
     pub monitor_addr: SocketAddr,
     /// Seed for the router's jitter and router-id; random when absent.
@@ -254,7 +254,7 @@ impl LabConfig {
         }
         let mut redistribute = Vec::new();
         for p in file.redistribute.iter().chain(&o.redistribute) {
-            let p: KernelPrefix = p.parse().map_err(ConfigError::Prefix)?;
+            let p: Prefix = p.parse().map_err(|_| ConfigError::Prefix(p.clone()))?;
             if !redistribute.contains(&p) {
                 redistribute.push(p);
             }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddrV6, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
-use super::netlink::{KernelPrefix, KernelRoute, Netlink};
+use super::netlink::{KernelRoute, Netlink, Prefix};
 use super::socket::{BabelSocket, BABEL_GROUP, BABEL_PORT};
 
 fn sh(cmd: &str) {
@@ -64,7 +64,7 @@ fn routes_are_installed_listed_and_flushed() {
         }
         let mut own = nl.own_routes().unwrap();
         own.sort();
-        let want: Vec<KernelPrefix> = ["10.8.0.0/24", "10.9.0.0/24", "2001:db8:5::/48"]
+        let want: Vec<Prefix> = ["10.8.0.0/24", "10.9.0.0/24", "2001:db8:5::/48"]
             .iter()
             .map(|s| s.parse().unwrap())
             .collect();

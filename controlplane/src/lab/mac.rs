@@ -22,21 +22,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ring::hmac;
 
-use super::socket::BABEL_PORT;
+use hypha_proto::babel::BABEL_PORT;
 
-/// TLV type of the Packet Counter TLV (RFC 8967 §6.1).
-pub const MESSAGE_PC: u8 = 11;
-/// TLV type of the Challenge Request TLV (RFC 8967 §6.2).
-pub const MESSAGE_CHALLENGE_REQUEST: u8 = 12;
-/// TLV type of the Challenge Reply TLV (RFC 8967 §6.3).
-pub const MESSAGE_CHALLENGE_REPLY: u8 = 13;
-/// TLV type of the MAC TLV, carried in the packet trailer (RFC 8967 §6.4).
-pub const MESSAGE_MAC: u8 = 16;
-
-const MESSAGE_PAD1: u8 = 0;
-const MAGIC: u8 = 42;
-const VERSION: u8 = 2;
-const HEADER_LEN: usize = 4;
+use hypha_proto::babel::{
+    BABEL_MAGIC as MAGIC, BABEL_VERSION as VERSION, HEADER_LEN, MESSAGE_CHALLENGE_REPLY,
+    MESSAGE_CHALLENGE_REQUEST, MESSAGE_MAC, MESSAGE_PAD1, MESSAGE_PC,
+};
 /// Length of our Index (RFC 8967 §6.1 allows 0..=32 octets).
 const INDEX_LEN: usize = 8;
 /// Length of our challenge nonces (RFC 8967 §6.2 allows up to 192 octets).
@@ -449,7 +440,7 @@ mod tests {
 
     const A: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
     const B: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
-    const GROUP: Ipv6Addr = super::super::socket::BABEL_GROUP;
+    const GROUP: Ipv6Addr = hypha_proto::babel::BABEL_MULTICAST_V6;
 
     /// A Babel packet with one Hello TLV (type 4, unicast flag clear, seqno 7, interval 400).
     fn hello() -> Vec<u8> {

@@ -29,6 +29,8 @@ use netlink_packet_route::route::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
+pub use hypha_proto::babel::Prefix;
+
 /// Our routing protocol number (`rtm_protocol`), shown by `ip route` as `proto 104`.
 pub const RTPROT_HYPHA: u8 = 104;
 
@@ -60,88 +62,12 @@ pub enum NetlinkError {
     BadPrefixLength(u8),
 }
 
-/// A destination prefix: an address and a prefix length (host bits are cleared on construction).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KernelPrefix {
-    addr: IpAddr,
-    len: u8,
-}
-
-impl KernelPrefix {
-    /// A prefix, with host bits cleared; `None` if `len` is longer than the address.
-    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                if len > 32 {
-                    return None;
-                }
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
-            }
-            IpAddr::V6(a) => {
-                if len > 128 {
-                    return None;
-                }
-                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
-            }
-        };
-        Some(KernelPrefix { addr, len })
-    }
-
-    /// The network address.
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    /// The prefix length.
-    pub fn len(&self) -> u8 {
-        self.len
-    }
-
-    /// Whether this prefix is the default route (length 0).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Whether `other` lies inside this prefix (same family, at least as long, same leading bits).
-    pub fn contains(&self, other: &KernelPrefix) -> bool {
-        if other.len < self.len {
-            return false;
-        }
-        match (self.addr, other.addr) {
-            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
-                KernelPrefix::new(other.addr, self.len).map(|p| p.addr) == Some(self.addr)
-            }
-            _ => false,
-        }
-    }
-}
-
-impl std::fmt::Display for KernelPrefix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl std::str::FromStr for KernelPrefix {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected ADDRESS/LENGTH"))?;
-        let addr: IpAddr = a.parse().map_err(|e| format!("{a:?}: {e}"))?;
-        let len: u8 = l.parse().map_err(|e| format!("{l:?}: {e}"))?;
-        KernelPrefix::new(addr, len).ok_or_else(|| format!("{s:?}: prefix length too long"))
-    }
-}
-
 /// One route as we install it: destination, next hop (the neighbour's address on `oif`) and the
 /// outgoing interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KernelRoute {
     /// Destination prefix.
-    pub prefix: KernelPrefix,
+    pub prefix: Prefix,
     /// Next hop. For an IPv4 prefix with an IPv6 next hop the route is installed with `RTA_VIA`
     /// (v4-via-v6, RFC 9229).
     pub next_hop: IpAddr,
@@ -205,12 +131,12 @@ impl Netlink {
     }
 
     /// Removes our route to `prefix`. A route that is already gone is not an error.
-    pub fn delete_route(&mut self, prefix: &KernelPrefix) -> Result<(), NetlinkError> {
+    pub fn delete_route(&mut self, prefix: &Prefix) -> Result<(), NetlinkError> {
         let mut msg = RouteMessage::default();
         msg.header = route_header(prefix)?;
         msg.header.scope = RouteScope::NoWhere;
         msg.attributes
-            .push(RouteAttribute::Destination(prefix.addr.into()));
+            .push(RouteAttribute::Destination(prefix.addr().into()));
         msg.attributes
             .push(RouteAttribute::Priority(KERNEL_PRIORITY));
         match self.request(RouteNetlinkMessage::DelRoute(msg), 0, "route delete") {
@@ -224,7 +150,7 @@ impl Netlink {
     }
 
     /// All routes in the main table carrying [`RTPROT_HYPHA`]: what a previous run left behind.
-    pub fn own_routes(&mut self) -> Result<Vec<KernelPrefix>, NetlinkError> {
+    pub fn own_routes(&mut self) -> Result<Vec<Prefix>, NetlinkError> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet6, AddressFamily::Inet] {
             let mut msg = RouteMessage::default();
@@ -248,7 +174,7 @@ impl Netlink {
                     AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                     _ => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 });
-                if let Some(p) = KernelPrefix::new(dst, r.header.destination_prefix_length) {
+                if let Some(p) = Prefix::new(dst, r.header.destination_prefix_length) {
                     out.push(p);
                 }
             }
@@ -408,13 +334,13 @@ impl Netlink {
     }
 }
 
-fn route_header(prefix: &KernelPrefix) -> Result<RouteHeader, NetlinkError> {
+fn route_header(prefix: &Prefix) -> Result<RouteHeader, NetlinkError> {
     let mut h = RouteHeader::default();
-    h.address_family = match prefix.addr {
+    h.address_family = match prefix.addr() {
         IpAddr::V4(_) => AddressFamily::Inet,
         IpAddr::V6(_) => AddressFamily::Inet6,
     };
-    h.destination_prefix_length = prefix.len;
+    h.destination_prefix_length = prefix.len();
     h.table = RouteHeader::RT_TABLE_MAIN;
     h.protocol = RouteProtocol::Other(RTPROT_HYPHA);
     h.scope = RouteScope::Universe;
@@ -426,8 +352,8 @@ fn route_message(route: &KernelRoute) -> Result<RouteMessage, NetlinkError> {
     let mut msg = RouteMessage::default();
     msg.header = route_header(&route.prefix)?;
     msg.attributes
-        .push(RouteAttribute::Destination(route.prefix.addr.into()));
-    match (route.prefix.addr, route.next_hop) {
+        .push(RouteAttribute::Destination(route.prefix.addr().into()));
+    match (route.prefix.addr(), route.next_hop) {
         (IpAddr::V4(_), IpAddr::V6(nh)) => {
             // RFC 9229: an IPv4 route through an IPv6 next hop.
             msg.attributes
@@ -444,23 +370,6 @@ fn route_message(route: &KernelRoute) -> Result<RouteMessage, NetlinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefix_clears_host_bits_and_contains() {
-        let p: KernelPrefix = "10.1.2.3/16".parse().unwrap();
-        assert_eq!(p.to_string(), "10.1.0.0/16");
-        let q: KernelPrefix = "10.1.7.0/24".parse().unwrap();
-        assert!(p.contains(&q));
-        assert!(!q.contains(&p));
-        let v6: KernelPrefix = "2001:db8::1/32".parse().unwrap();
-        assert_eq!(v6.to_string(), "2001:db8::/32");
-        assert!(!v6.contains(&p));
-        assert!("10.0.0.0/33".parse::<KernelPrefix>().is_err());
-        assert!("::/129".parse::<KernelPrefix>().is_err());
-        let all: KernelPrefix = "::/0".parse().unwrap();
-        assert!(all.contains(&v6));
-        assert!(all.is_empty());
-    }
 
     #[test]
     fn v4_via_v6_uses_rta_via() {

@@ -17,11 +17,7 @@ use nix::sys::socket::{
     ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn6,
 };
 
-/// The Babel UDP port (RFC 8966 §5).
-pub const BABEL_PORT: u16 = 6696;
-
-/// The link-local all-Babel-routers multicast group (RFC 8966 §5).
-pub const BABEL_GROUP: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 6);
+pub use hypha_proto::babel::{BABEL_MULTICAST_V6 as BABEL_GROUP, BABEL_PORT};
 
 /// A received datagram's metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
