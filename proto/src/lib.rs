@@ -16,3 +16,6 @@ pub mod key;
 pub mod shm;
 pub mod time;
 pub mod wire;
+
+pub use addr::{OverlayAddr, Subnet};
+pub use key::{PublicKey, SecretKey};

@@ -1,0 +1,95 @@
+//! The `hypha` command line: options, subcommands and how their failures map to exit codes.
+//!
+//! Each subcommand is one variant of [`Command`] with its implementation in a submodule, so adding
+//! `run`, `peers` or `routes` means one variant, one module and one arm in `main`'s dispatch.
+
+pub mod identity;
+
+use std::io;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use hypha_proto::key::KeyFileError;
+use hypha_proto::PublicKey;
+
+/// Hypha: an encrypted IPv6 overlay network.
+#[derive(Debug, Parser)]
+#[command(name = "hypha", version, propagate_version = true)]
+pub struct Cli {
+    /// The node's key file: 32 raw bytes of x25519 secret key (Mycelium's format). It is created with
+    /// mode 0600 when a command needs the node's key and the file is missing; an existing file is never
+    /// replaced.
+    #[arg(
+        short = 'k',
+        long = "key-file",
+        value_name = "PATH",
+        default_value = "priv_key.bin",
+        global = true
+    )]
+    pub key_file: PathBuf,
+
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a new key file and print its public key and overlay address. Never overwrites a file.
+    GenerateKeys(GenerateKeysArgs),
+    /// Print a public key and the overlay address derived from it (by default the node's own, from
+    /// the key file, which is created if missing).
+    Inspect(InspectArgs),
+}
+
+/// Arguments of `hypha generate-keys`.
+#[derive(Debug, Args)]
+pub struct GenerateKeysArgs {
+    /// Where to write the new key file [default: the --key-file path].
+    #[arg(value_name = "PATH")]
+    pub path: Option<PathBuf>,
+}
+
+/// Arguments of `hypha inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A public key to inspect: 64 hex digits. Without it, the node's own key from --key-file.
+    #[arg(value_name = "PUBKEY_HEX", value_parser = parse_public_key)]
+    pub public_key: Option<PublicKey>,
+}
+
+fn parse_public_key(s: &str) -> Result<PublicKey, hypha_proto::key::ParseKeyError> {
+    s.parse()
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The key file could not be read, created or written.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// Writing the result to stdout failed.
+    #[error("cannot write to stdout: {0}")]
+    Output(#[source] io::Error),
+    /// JSON output could not be produced.
+    #[error("cannot encode JSON output: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl CliError {
+    /// The process exit code: 2 for bad input on the command line (clap reports those itself),
+    /// 1 for everything that went wrong while running.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::KeyFile(_) | CliError::Output(_) | CliError::Json(_) => 1,
+        }
+    }
+}
+
+/// Exit code for a command line that could not be parsed (clap's convention).
+pub const EXIT_USAGE: u8 = 2;
