@@ -434,6 +434,57 @@ impl<'a> Iterator for TlvIter<'a> {
     }
 }
 
+/// Entry points for the fuzz targets in /fuzz (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// The first byte picks the mode. Even: `rest` is a received datagram, verified under a fixed
+    /// key. Odd: `rest` is a packet body; a peer signs it and the result must never be rejected as
+    /// unauthentic or malformed, then a replay of it must be rejected once the peer is known.
+    pub fn fuzz_verify(data: &[u8]) {
+        const SRC: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+        const DST: Ipv6Addr = hypha_proto::babel::BABEL_MULTICAST_V6;
+        let Some((&mode, rest)) = data.split_first() else {
+            return;
+        };
+        let key = vec![7u8; 32];
+        let Ok(mut rx) = MacState::new(std::slice::from_ref(&key), 1) else {
+            return;
+        };
+        if mode & 1 == 0 {
+            let _ = rx.verify(Instant::ZERO, rest, SRC, DST);
+            return;
+        }
+        let Ok(mut tx) = MacState::new(std::slice::from_ref(&key), 2) else {
+            return;
+        };
+        let Ok(len) = u16::try_from(rest.len()) else {
+            return;
+        };
+        let mut p = vec![MAGIC, VERSION];
+        p.extend_from_slice(&len.to_be_bytes());
+        p.extend_from_slice(rest);
+        if tx.sign(&mut p, SRC, DST).is_err() {
+            return;
+        }
+        let v = rx.verify(Instant::ZERO, &p, SRC, DST);
+        assert!(
+            !matches!(
+                v,
+                Verdict::Drop(Drop::BadMac | Drop::NoMac | Drop::Malformed)
+            ),
+            "our own signed packet rejected: {v:?}"
+        );
+        if let Verdict::Accept { .. } = v {
+            assert_eq!(
+                rx.verify(Instant::ZERO, &p, SRC, DST),
+                Verdict::Drop(Drop::Replay)
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -589,6 +640,16 @@ mod tests {
             b.verify(t(31_000), &reply, A, B),
             Verdict::Drop(Drop::Challenged)
         );
+    }
+
+    #[test]
+    fn fuzz_entry_handles_edge_inputs() {
+        fuzzing::fuzz_verify(&[]);
+        fuzzing::fuzz_verify(&[0, 42, 2, 0, 0]);
+        fuzzing::fuzz_verify(&[1]);
+        fuzzing::fuzz_verify(&[1, 4, 6, 0, 0, 0, 7, 1, 144]);
+        // A body with its own PC TLV first and a challenge reply.
+        fuzzing::fuzz_verify(&[1, 17, 6, 0, 0, 0, 9, 1, 2, 19, 2, 0, 0]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dump;
 pub mod mac;
 pub mod netlink;
+pub mod redistribute;
 pub mod socket;
 
 #[cfg(test)]
