@@ -223,7 +223,8 @@ impl<'b> PacketBuilder<'b> {
                 }
                 self.router_id(want);
             }
-            (None, Some(_)) => {
+            // A retraction's router-id does not matter (§4.6.9), so whatever is in force will do.
+            (None, Some(_)) if u.metric != INFINITY => {
                 return Err(EmitError::Unrepresentable("cannot unset router-id"));
             }
             (None, None) if u.metric != INFINITY && u.prefix.is_some() => {
@@ -267,10 +268,11 @@ impl<'b> PacketBuilder<'b> {
                 }
             }
             (Some(_), _) => return Err(EmitError::Unrepresentable("next hop of wrong family")),
-            (None, false) if self.state.nh_v4.is_some() => {
+            // Nor does a retraction's next hop.
+            (None, false) if self.state.nh_v4.is_some() && u.metric != INFINITY => {
                 return Err(EmitError::Unrepresentable("cannot unset next hop"));
             }
-            (None, true) if self.state.nh_v6.is_some() => {
+            (None, true) if self.state.nh_v6.is_some() && u.metric != INFINITY => {
                 return Err(EmitError::Unrepresentable("cannot unset next hop"));
             }
             (None, _) => {}
