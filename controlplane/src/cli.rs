@@ -45,6 +45,9 @@ pub enum Command {
     /// Print a public key and the overlay address derived from it (by default the node's own, from
     /// the key file, which is created if missing).
     Inspect(InspectArgs),
+    /// Lab mode: run the Babel core alone as a standard RFC 8966 router on real interfaces
+    /// (interoperable with babeld and BIRD), or `lab dump` a running one. See docs/lab.md.
+    Lab(hypha_controlplane::lab::cli::LabArgs),
 }
 
 /// Arguments of `hypha generate-keys`.
@@ -79,6 +82,9 @@ pub enum CliError {
     /// JSON output could not be produced.
     #[error("cannot encode JSON output: {0}")]
     Json(#[from] serde_json::Error),
+    /// `hypha lab` failed.
+    #[error(transparent)]
+    Lab(#[from] hypha_controlplane::lab::cli::LabCliError),
 }
 
 impl CliError {
@@ -87,6 +93,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::KeyFile(_) | CliError::Output(_) | CliError::Json(_) => 1,
+            CliError::Lab(e) => e.exit_code(),
         }
     }
 }

@@ -37,6 +37,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::GenerateKeys(args) => cli::identity::generate_keys(cli, args),
         Command::Inspect(args) => cli::identity::inspect(cli, args),
+        Command::Lab(args) => Ok(hypha_controlplane::lab::cli::run(args, cli.json)?),
     }
 }
 

@@ -459,7 +459,9 @@ impl Sim {
                 link.ends[0].0
             };
             if !link.up {
-                return Err(format!("node {at}: route to {to} over a cut link to {next}"));
+                return Err(format!(
+                    "node {at}: route to {to} over a cut link to {next}"
+                ));
             }
             if self.nodes[next].addr != *nh {
                 return Err(format!("node {at}: next hop {nh} is not node {next}"));

@@ -91,17 +91,29 @@ fn ring_of_20_converges_and_reroutes_around_a_cut() {
     assert_eq!(sim.trace(0, 5).unwrap(), vec![0, 1, 2, 3, 4, 5]);
     // Cut 2–3: 0 → 5 must go the long way round.
     sim.set_link_up(2, false);
-    converge(&mut sim, "ring of 20 after cutting link 2-3", Duration::from_secs(30));
+    converge(
+        &mut sim,
+        "ring of 20 after cutting link 2-3",
+        Duration::from_secs(30),
+    );
     let path = sim.trace(0, 5).unwrap();
     assert_eq!(path.len(), 16, "{path:?}");
     assert_eq!(path[1], 19);
     // Heal: back to the short way (hysteresis allows it: 5 hops against 15).
     sim.set_link_up(2, true);
-    converge(&mut sim, "ring of 20 after healing", Duration::from_secs(30));
+    converge(
+        &mut sim,
+        "ring of 20 after healing",
+        Duration::from_secs(30),
+    );
     let t = sim.drive_until(Duration::from_secs(60), CHECK, |s| {
         s.trace(0, 5).is_ok_and(|p| p.len() == 6)
     });
-    assert!(t.is_some(), "short path not restored: {:?}", sim.trace(0, 5));
+    assert!(
+        t.is_some(),
+        "short path not restored: {:?}",
+        sim.trace(0, 5)
+    );
 }
 
 /// A random connected graph: a random spanning tree plus `extra` random links, delays 1–20 ms.
@@ -162,8 +174,7 @@ fn restarted_node_with_new_router_id_is_reachable_again() {
         s.converged()
             && s.nodes.iter().enumerate().all(|(i, n)| {
                 i == 6
-                    || n
-                        .router
+                    || n.router
                         .selected_route(&prefix)
                         .is_some_and(|r| r.router_id == new_id)
             })
@@ -197,11 +208,22 @@ fn partition_and_heal() {
     converge(&mut sim, "60 nodes, two halves", Duration::from_secs(60));
     sim.set_link_up(b1, false);
     sim.set_link_up(b2, false);
-    let t = converge(&mut sim, "partitioned (no routes across)", Duration::from_secs(120));
-    println!("partition: stale routes gone after {:.2} virtual s", t.as_secs_f64());
+    let t = converge(
+        &mut sim,
+        "partitioned (no routes across)",
+        Duration::from_secs(120),
+    );
+    println!(
+        "partition: stale routes gone after {:.2} virtual s",
+        t.as_secs_f64()
+    );
     sim.set_link_up(b1, true);
     sim.set_link_up(b2, true);
-    converge(&mut sim, "healed (the two halves merged)", Duration::from_secs(60));
+    converge(
+        &mut sim,
+        "healed (the two halves merged)",
+        Duration::from_secs(60),
+    );
 }
 
 #[test]

@@ -245,7 +245,11 @@ mod tests {
         assert!(!n.hello.check(t0 + 5 * S));
         assert!(n.hello.check(t0 + 5 * S + S / 2));
         assert_eq!(n.hello.reach >> 12, 0b0110);
-        assert_eq!(n.compute_rxcost(96), 96, "0110: one of the last two and the third");
+        assert_eq!(
+            n.compute_rxcost(96),
+            96,
+            "0110: one of the last two and the third"
+        );
         assert!(n.hello.check(t0 + 7 * S));
         assert_eq!(n.compute_rxcost(96), INFINITY, "0011");
         // A late Hello 15 undoes the two misses counted (15 and 16), as babeld does.

@@ -5,11 +5,13 @@
 //! kernel FIB through rtnetlink ([`netlink`]), and RFC 8967 MAC authentication ([`mac`]) can filter
 //! packets between the two.
 
+pub mod cli;
 pub mod config;
 pub mod dump;
 pub mod mac;
 pub mod netlink;
 pub mod redistribute;
+pub mod runtime;
 pub mod socket;
 
 #[cfg(test)]

@@ -1,0 +1,569 @@
+//! Lab mode against babeld and BIRD, in network namespaces (issue 8's acceptance tests).
+//!
+//! Every node gets a /128 (and a /32) on `lo` — 2001:db8:N::1 and 10.255.N.1 — announced by whatever
+//! router runs there. Timers are short (1 s Hellos, 4 s updates) so that a chain converges in a
+//! few seconds. Needs root, babeld, bird2 and tshark.
+
+use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hypha_controlplane::lab::dump::Dump;
+use hypha_testnet::{wait_until, Link, LinkOpts, Node, ProcHandle, TestNet};
+
+const HYPHA: &str = env!("CARGO_BIN_EXE_hypha");
+/// The issue's bound for a three-node chain.
+const CONVERGE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Hypha,
+    Babeld,
+    Bird,
+}
+
+fn v6_of(n: u8) -> String {
+    format!("2001:db8:{n}::1")
+}
+
+fn v4_of(n: u8) -> String {
+    format!("10.255.{n}.1")
+}
+
+/// A file in the net's log directory (kept when a test fails).
+fn file(net: &TestNet, name: &str) -> PathBuf {
+    net.log_dir().join(name)
+}
+
+/// Puts node `n`'s addresses on `lo` and turns forwarding on.
+fn prepare(node: &Node, n: u8) {
+    node.enable_forwarding().unwrap();
+    node.exec_ok([
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/128", v6_of(n)),
+        "dev",
+        "lo",
+    ])
+    .unwrap();
+    node.exec_ok([
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/32", v4_of(n)),
+        "dev",
+        "lo",
+    ])
+    .unwrap();
+}
+
+/// Waits until `ifname` in `node` has a non-tentative link-local address (babeld and BIRD only send
+/// from one) and returns it.
+fn link_local(node: &Node, ifname: &str) -> Ipv6Addr {
+    let mut found = None;
+    wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        let out = node
+            .exec_ok([
+                "ip", "-6", "-o", "addr", "show", "dev", ifname, "scope", "link",
+            ])
+            .unwrap_or_default();
+        found = out
+            .lines()
+            .filter(|l| !l.contains("tentative"))
+            .find_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let i = w.iter().position(|x| *x == "inet6")?;
+                w.get(i + 1)?.split('/').next()?.parse().ok()
+            });
+        found.is_some()
+    })
+    .unwrap_or_else(|_| panic!("no link-local address on {ifname}"));
+    found.unwrap()
+}
+
+/// Starts router `kind` on `node` (number `n`) over `ifaces`.
+fn start(
+    net: &TestNet,
+    node: &Node,
+    n: u8,
+    kind: Kind,
+    ifaces: &[&str],
+    extra: &[&str],
+) -> ProcHandle {
+    for i in ifaces {
+        link_local(node, i);
+    }
+    match kind {
+        Kind::Hypha => {
+            let mut cmd = Command::new(HYPHA);
+            cmd.arg("lab");
+            for i in ifaces {
+                cmd.args(["-i", i]);
+            }
+            cmd.args([
+                "--redistribute",
+                "2001:db8::/32",
+                "--redistribute",
+                "10.255.0.0/16",
+                "--hello-interval",
+                "1",
+                "--update-interval",
+                "4",
+                "--seed",
+                &n.to_string(),
+            ]);
+            cmd.args(extra);
+            cmd.env("RUST_LOG", "hypha_controlplane=debug");
+            node.spawn(&format!("hypha{n}"), cmd).unwrap()
+        }
+        Kind::Babeld => {
+            let conf = file(net, &format!("babeld{n}.conf"));
+            let mut text = String::new();
+            for i in ifaces {
+                text.push_str(&format!(
+                    "interface {i} type wired hello-interval 1 update-interval 4\n"
+                ));
+            }
+            for l in extra {
+                text.push_str(l);
+                text.push('\n');
+            }
+            std::fs::write(&conf, text).unwrap();
+            let pid = file(net, &format!("babeld{n}.pid"));
+            let state = file(net, &format!("babeld{n}.state"));
+            node.spawn_args(
+                &format!("babeld{n}"),
+                [
+                    "babeld",
+                    "-d",
+                    "1",
+                    "-c",
+                    conf.to_str().unwrap(),
+                    "-I",
+                    pid.to_str().unwrap(),
+                    "-S",
+                    state.to_str().unwrap(),
+                ],
+            )
+            .unwrap()
+        }
+        Kind::Bird => {
+            let conf = file(net, &format!("bird{n}.conf"));
+            let sock = file(net, &format!("bird{n}.ctl"));
+            let mut ifs = String::new();
+            for i in ifaces {
+                ifs.push_str(&format!(
+                    "  interface \"{i}\" {{ type wired; hello interval 1 s; update interval 4 s; }};\n"
+                ));
+            }
+            let text = format!(
+                "router id {v4};\n\
+                 protocol device {{ scan time 1; }}\n\
+                 protocol direct {{ ipv4; ipv6; interface \"lo\"; }}\n\
+                 protocol kernel {{ ipv6 {{ export where source = RTS_BABEL; }}; }}\n\
+                 protocol kernel {{ ipv4 {{ export where source = RTS_BABEL; }}; }}\n\
+                 protocol babel {{\n{ifs}  ipv6 {{ import all; export all; }};\n  ipv4 {{ import all; export all; }};\n}}\n",
+                v4 = v4_of(n)
+            );
+            std::fs::write(&conf, text).unwrap();
+            node.spawn_args(
+                &format!("bird{n}"),
+                [
+                    "bird",
+                    "-f",
+                    "-c",
+                    conf.to_str().unwrap(),
+                    "-s",
+                    sock.to_str().unwrap(),
+                ],
+            )
+            .unwrap()
+        }
+    }
+}
+
+/// The kernel's route to `dst` in `node`, if it goes through a gateway.
+fn route_to(node: &Node, dst: &str) -> Option<String> {
+    let fam = if dst.contains(':') { "-6" } else { "-4" };
+    let out = node.exec_ok(["ip", fam, "route", "show", dst]).ok()?;
+    let line = out.lines().next()?.to_string();
+    line.contains("via").then_some(line)
+}
+
+fn wait_route(node: &Node, dst: &str, what: &str) -> (String, Duration) {
+    let start = Instant::now();
+    let mut last = None;
+    if wait_until(CONVERGE, POLL, || {
+        last = route_to(node, dst);
+        last.is_some()
+    })
+    .is_err()
+    {
+        panic!(
+            "{what}: no route to {dst} in {} after {CONVERGE:?}",
+            node.name()
+        );
+    }
+    (last.unwrap(), start.elapsed())
+}
+
+fn ping(node: &Node, src: &str, dst: &str) -> bool {
+    node.exec(["ping", "-c", "1", "-W", "1", "-I", src, dst])
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn wait_ping(node: &Node, src: &str, dst: &str) {
+    wait_until(Duration::from_secs(15), POLL, || ping(node, src, dst))
+        .unwrap_or_else(|_| panic!("ping {src} -> {dst} from {} fails", node.name()));
+}
+
+fn dump(node: &Node) -> Dump {
+    let out = node
+        .exec_ok([HYPHA, "lab", "dump", "--json"])
+        .expect("hypha lab dump");
+    serde_json::from_str(&out).expect("dump JSON")
+}
+
+/// A line n1 – n2 – n3 with the given routers; returns the net, nodes, links and processes.
+struct Line {
+    /// Kept alive: dropping it tears the whole network down.
+    _net: TestNet,
+    nodes: Vec<Node>,
+    links: Vec<Link>,
+    procs: Vec<ProcHandle>,
+}
+
+fn line(name: &str, kinds: [Kind; 3]) -> Line {
+    let net = TestNet::new(name).unwrap();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| net.add_node(&format!("n{i}")).unwrap())
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        prepare(n, i as u8 + 1);
+    }
+    let l12 = net.link(&nodes[0], &nodes[1], LinkOpts::default()).unwrap();
+    let l23 = net.link(&nodes[1], &nodes[2], LinkOpts::default()).unwrap();
+    let ifs: [Vec<&str>; 3] = [
+        vec![l12.a().ifname()],
+        vec![l12.b().ifname(), l23.a().ifname()],
+        vec![l23.b().ifname()],
+    ];
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        procs.push(start(&net, &nodes[i], i as u8 + 1, kinds[i], &ifs[i], &[]));
+    }
+    Line {
+        _net: net,
+        nodes,
+        links: vec![l12, l23],
+        procs,
+    }
+}
+
+/// n1 learns n3's /128 via n2 (within 30 s) and pings it; and the other way round.
+fn check_line(l: &Line, what: &str) {
+    let (r, took) = wait_route(&l.nodes[0], &v6_of(3), what);
+    let via_if = l.links[0].a().ifname();
+    assert!(r.contains(via_if), "{what}: {r}");
+    eprintln!("{what}: n1 got {} after {took:?}: {r}", v6_of(3));
+    wait_route(&l.nodes[2], &v6_of(1), what);
+    wait_ping(&l.nodes[0], &v6_of(1), &v6_of(3));
+    for p in &l.procs {
+        assert!(p.is_running(), "{what}: {} died", p.name());
+    }
+}
+
+#[test]
+fn babeld_hypha_babeld_line() {
+    let l = line("lab_bhb", [Kind::Babeld, Kind::Hypha, Kind::Babeld]);
+    check_line(&l, "babeld-hypha-babeld");
+    // Hypha installed both ends' prefixes with its protocol number.
+    let ours = l.nodes[1]
+        .exec_ok(["ip", "-6", "route", "show", "proto", "104"])
+        .unwrap();
+    assert!(
+        ours.contains(&v6_of(1)) && ours.contains(&v6_of(3)),
+        "{ours}"
+    );
+    let d = dump(&l.nodes[1]);
+    assert_eq!(d.neighbours.len(), 2, "{d:?}");
+    assert!(d
+        .routes
+        .iter()
+        .any(|r| r.prefix == format!("{}/128", v6_of(3)) && r.selected));
+}
+
+#[test]
+fn babeld_hypha_babeld_line_ipv4() {
+    let l = line("lab_bhb4", [Kind::Babeld, Kind::Hypha, Kind::Babeld]);
+    wait_route(&l.nodes[0], &v4_of(3), "ipv4 through hypha");
+    wait_ping(&l.nodes[0], &v4_of(1), &v4_of(3));
+}
+
+#[test]
+fn hypha_babeld_babeld_line() {
+    let l = line("lab_hbb", [Kind::Hypha, Kind::Babeld, Kind::Babeld]);
+    check_line(&l, "hypha-babeld-babeld");
+    let ours = l.nodes[0]
+        .exec_ok(["ip", "-6", "route", "show", "proto", "104"])
+        .unwrap();
+    assert!(ours.contains(&v6_of(3)), "{ours}");
+}
+
+#[test]
+fn bird_hypha_bird_line() {
+    let l = line("lab_rhr", [Kind::Bird, Kind::Hypha, Kind::Bird]);
+    check_line(&l, "bird-hypha-bird");
+}
+
+#[test]
+fn hypha_bird_bird_line() {
+    let l = line("lab_hrr", [Kind::Hypha, Kind::Bird, Kind::Bird]);
+    check_line(&l, "hypha-bird-bird");
+}
+
+/// A square a–b–c–d–a of hypha, babeld, hypha, babeld. Cutting the link a's route to c uses makes
+/// a reroute through the other neighbour within the hold time.
+#[test]
+fn square_reroutes_when_a_link_is_cut() {
+    let net = TestNet::new("lab_sq").unwrap();
+    let nodes: Vec<Node> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| net.add_node(n).unwrap())
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        prepare(n, i as u8 + 1);
+    }
+    let ab = net.link(&nodes[0], &nodes[1], LinkOpts::default()).unwrap();
+    let bc = net.link(&nodes[1], &nodes[2], LinkOpts::default()).unwrap();
+    let cd = net.link(&nodes[2], &nodes[3], LinkOpts::default()).unwrap();
+    let da = net.link(&nodes[3], &nodes[0], LinkOpts::default()).unwrap();
+    let kinds = [Kind::Hypha, Kind::Babeld, Kind::Hypha, Kind::Babeld];
+    let ifs: [Vec<&str>; 4] = [
+        vec![ab.a().ifname(), da.b().ifname()],
+        vec![ab.b().ifname(), bc.a().ifname()],
+        vec![bc.b().ifname(), cd.a().ifname()],
+        vec![cd.b().ifname(), da.a().ifname()],
+    ];
+    let _procs: Vec<ProcHandle> = (0..4)
+        .map(|i| start(&net, &nodes[i], i as u8 + 1, kinds[i], &ifs[i], &[]))
+        .collect();
+    let c = v6_of(3);
+    let (r, took) = wait_route(&nodes[0], &c, "square");
+    eprintln!("square: a got {c} after {took:?}: {r}");
+    wait_ping(&nodes[0], &v6_of(1), &c);
+    // Cut the link the route uses.
+    let (cut, other_if) = if r.contains(ab.a().ifname()) {
+        (&ab, da.b().ifname())
+    } else {
+        (&da, ab.a().ifname())
+    };
+    cut.set_up(false).unwrap();
+    let t0 = Instant::now();
+    // Hold time with 1 s Hellos: the neighbour is lost after a few missed Hellos and the route is
+    // switched; allow the route expiry bound (3.5 update intervals = 14 s) as the worst case.
+    wait_until(Duration::from_secs(14), Duration::from_millis(100), || {
+        route_to(&nodes[0], &c).is_some_and(|r| r.contains(other_if))
+    })
+    .unwrap_or_else(|_| panic!("no reroute: {:?}", route_to(&nodes[0], &c)));
+    eprintln!("square: rerouted via {other_if} after {:?}", t0.elapsed());
+    wait_ping(&nodes[0], &v6_of(1), &c);
+}
+
+/// Malformed Babel packets, each as a UDP payload sent to hypha's port from a link-local address.
+fn malformed() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("bad magic", vec![43, 2, 0, 0]),
+        ("bad version", vec![42, 3, 0, 0]),
+        ("short header", vec![42]),
+        (
+            "body length past end",
+            vec![42, 2, 0, 40, 4, 6, 0, 0, 0, 1, 0, 100],
+        ),
+        ("truncated TLV", vec![42, 2, 0, 1, 4]),
+        ("TLV length past end", vec![42, 2, 0, 4, 8, 30, 0, 0]),
+        (
+            // Update with AE 7 (unknown address encoding).
+            "update bad AE",
+            vec![42, 2, 0, 12, 8, 10, 7, 0, 0, 64, 0, 100, 0, 1, 0, 96],
+        ),
+        (
+            // Update, AE 2 (IPv6), plen 129.
+            "update bad plen",
+            vec![
+                42, 2, 0, 16, 8, 14, 2, 0, 129, 0, 0, 100, 0, 1, 0, 96, 0x20, 0x01, 0x0d, 0xb8,
+            ],
+        ),
+        (
+            // Update for 2001:db8:77::/48 carrying sub-TLV 0x80 (unknown, mandatory).
+            "unknown mandatory sub-TLV",
+            vec![
+                42, 2, 0, 20, 8, 18, 2, 0, 48, 0, 0, 100, 0, 1, 0, 96, 0x20, 0x01, 0x0d, 0xb8, 0,
+                0x77, 0x80, 0,
+            ],
+        ),
+    ]
+}
+
+/// Malformed packets are dropped and counted; hypha keeps routing. Also: tshark decodes hypha's
+/// own packets as Babel without malformed-packet or error expert info.
+#[test]
+fn malformed_packets_are_counted_and_tshark_decodes_ours() {
+    let net = TestNet::new("lab_mal").unwrap();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| net.add_node(&format!("n{i}")).unwrap())
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        prepare(n, i as u8 + 1);
+    }
+    let l12 = net.link(&nodes[0], &nodes[1], LinkOpts::default()).unwrap();
+    let l23 = net.link(&nodes[1], &nodes[2], LinkOpts::default()).unwrap();
+    let cap = file(&net, "capture.pcapng");
+    let if2 = l12.b().ifname();
+    link_local(&nodes[1], if2);
+    let tshark = nodes[1]
+        .spawn_args(
+            "tshark",
+            [
+                "tshark",
+                "-i",
+                if2,
+                "-w",
+                cap.to_str().unwrap(),
+                "-f",
+                "udp port 6696",
+            ],
+        )
+        .unwrap();
+    // tshark prints "Capturing on" once it is ready.
+    wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        tshark.log().unwrap_or_default().contains("Capturing on")
+    })
+    .expect("tshark did not start");
+    let _p1 = start(&net, &nodes[0], 1, Kind::Babeld, &[l12.a().ifname()], &[]);
+    let _p2 = start(
+        &net,
+        &nodes[1],
+        2,
+        Kind::Hypha,
+        &[if2, l23.a().ifname()],
+        &[],
+    );
+    let _p3 = start(&net, &nodes[2], 3, Kind::Babeld, &[l23.b().ifname()], &[]);
+    wait_route(&nodes[0], &v6_of(3), "before malformed");
+    wait_ping(&nodes[0], &v6_of(1), &v6_of(3));
+    let hypha_ll = link_local(&nodes[1], if2);
+    let n1_ll = link_local(&nodes[0], l12.a().ifname());
+    let before = dump(&nodes[1]);
+
+    // Send the list from n1's link-local address to hypha's, unicast.
+    let ifindex = nodes[0]
+        .run_in(|| nix::net::if_::if_nametoindex(l12.a().ifname()).unwrap())
+        .unwrap();
+    let cases = malformed();
+    let sock = nodes[0]
+        .run_in(|| UdpSocket::bind(SocketAddrV6::new(n1_ll, 0, 0, ifindex)).unwrap())
+        .unwrap();
+    for (_, bytes) in &cases {
+        sock.send_to(bytes, SocketAddrV6::new(hypha_ll, 6696, 0, ifindex))
+            .unwrap();
+    }
+    // From a non-link-local source too (fd00:: address of the link).
+    let global = nodes[0]
+        .run_in(|| UdpSocket::bind(SocketAddrV6::new(l12.a().ipv6(), 0, 0, 0)).unwrap())
+        .unwrap();
+    global
+        .send_to(
+            &[42, 2, 0, 0],
+            SocketAddrV6::new(l12.b().ipv6(), 6696, 0, 0),
+        )
+        .unwrap();
+
+    let counted = |d: &Dump| -> u64 {
+        d.router_counters
+            .iter()
+            .filter(|(k, _)| k.contains("malformed") || k.contains("invalid") || k.contains("bad"))
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    let mut after = before.clone();
+    wait_until(Duration::from_secs(5), POLL, || {
+        after = dump(&nodes[1]);
+        counted(&after) >= counted(&before) + cases.len() as u64 - 1
+            && after.socket.not_link_local > before.socket.not_link_local
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "not counted: before {:?} after {:?} / {:?}",
+            before.router_counters, after.router_counters, after.socket
+        )
+    });
+    // Still routing.
+    assert!(wait_until(Duration::from_secs(10), POLL, || ping(
+        &nodes[0],
+        &v6_of(1),
+        &v6_of(3)
+    ))
+    .is_ok());
+    assert!(_p2.is_running());
+    tshark.stop().unwrap();
+
+    let filter = format!("babel && ipv6.src == {hypha_ll}");
+    let out = Command::new("tshark")
+        .args(["-r", cap.to_str().unwrap(), "-Y", &filter, "-V"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let packets = text.matches("Babel Routing Protocol").count();
+    assert!(packets >= 3, "too few of our packets decoded ({packets})");
+    assert!(
+        text.contains("Message hello") || text.contains("Hello"),
+        "no hello decoded"
+    );
+    assert!(!text.contains("Malformed"), "tshark: malformed\n{text}");
+    assert!(
+        !text.contains("Expert Info (Error"),
+        "tshark: error\n{text}"
+    );
+}
+
+/// RFC 8967: hypha and babeld with the same HMAC-SHA256 key exchange routes; a wrong key doesn't.
+#[test]
+fn mac_authentication_with_babeld() {
+    let key = "8f".repeat(64);
+    let net = TestNet::new("lab_mac").unwrap();
+    let n1 = net.add_node("n1").unwrap();
+    let n2 = net.add_node("n2").unwrap();
+    prepare(&n1, 1);
+    prepare(&n2, 2);
+    let l = net.link(&n1, &n2, LinkOpts::default()).unwrap();
+    let b_conf = [
+        &format!("key id k1 type hmac-sha256 value {key}")[..],
+        &format!("interface {} key k1", l.a().ifname())[..],
+    ];
+    let _b = start(&net, &n1, 1, Kind::Babeld, &[l.a().ifname()], &b_conf);
+    let mac_arg = format!("{}={key}", l.b().ifname());
+    let _h = start(
+        &net,
+        &n2,
+        2,
+        Kind::Hypha,
+        &[l.b().ifname()],
+        &["--mac-key", &mac_arg],
+    );
+    wait_route(&n1, &v6_of(2), "mac babeld<-hypha");
+    wait_route(&n2, &v6_of(1), "mac hypha<-babeld");
+    let d = dump(&n2);
+    let mac = d.interfaces[0].mac.expect("mac counters");
+    assert!(mac.accepted > 0, "{mac:?}");
+}
