@@ -347,6 +347,38 @@ fn babeld_hypha_babeld_line_ipv4() {
     wait_ping(&l.nodes[0], &v4_of(1), &v4_of(3));
 }
 
+/// IPv4 prefixes over links without IPv4 addresses: Updates with AE 4 and routes installed as
+/// `via inet6 fe80::…` (RFC 9229), both by babeld and by hypha.
+#[test]
+fn babeld_hypha_babeld_line_v4_via_v6() {
+    let v4v6: &[&str] = &["default v4-via-v6 true"];
+    let l = line_with(
+        "lab_bhb46",
+        [Kind::Babeld, Kind::Hypha, Kind::Babeld],
+        [v4v6, &[], v4v6],
+        |nodes| {
+            for n in nodes {
+                let out = n.exec_ok(["ip", "-o", "link", "show"]).unwrap();
+                for name in out.lines().filter_map(|l| l.split(':').nth(1)) {
+                    let name = name.trim().split('@').next().unwrap_or("");
+                    if name != "lo" {
+                        n.exec_ok(["ip", "-4", "addr", "flush", "dev", name])
+                            .unwrap();
+                    }
+                }
+            }
+        },
+    );
+    let (r, _) = wait_route(&l.nodes[0], &v4_of(3), "v4-via-v6 through hypha");
+    assert!(r.contains("via inet6 fe80::"), "{r}");
+    let (r2, _) = wait_route(&l.nodes[1], &v4_of(3), "hypha's own v4-via-v6 route");
+    assert!(
+        r2.contains("via inet6 fe80::") && r2.contains("proto 104"),
+        "{r2}"
+    );
+    wait_ping(&l.nodes[0], &v4_of(1), &v4_of(3));
+}
+
 #[test]
 fn hypha_babeld_babeld_line() {
     let l = line_with(
@@ -617,6 +649,7 @@ fn malformed_packets_are_counted_and_tshark_decodes_ours() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    std::fs::write(file(&net, "tshark.txt"), text.as_bytes()).unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -624,10 +657,20 @@ fn malformed_packets_are_counted_and_tshark_decodes_ours() {
     );
     let packets = text.matches("Babel Routing Protocol").count();
     assert!(packets >= 3, "too few of our packets decoded ({packets})");
-    assert!(
-        text.contains("Message hello") || text.contains("Hello"),
-        "no hello decoded"
-    );
+    for tlv in ["hello (4)", "ihu (5)", "update (8)"] {
+        assert!(
+            text.contains(&format!("Message Type: {tlv}")),
+            "no {tlv} decoded"
+        );
+    }
+    // Link-local scope only: hop limit 1 on everything we send.
+    let hops: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Hop Limit:"))
+        .collect();
+    assert_eq!(hops.len(), packets);
+    assert!(hops.iter().all(|l| *l == "Hop Limit: 1"), "{hops:?}");
     assert!(!text.contains("Malformed"), "tshark: malformed\n{text}");
     assert!(
         !text.contains("Expert Info (Error"),
