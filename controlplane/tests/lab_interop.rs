@@ -472,6 +472,11 @@ fn square_reroutes_when_a_link_is_cut() {
     };
     cut.set_up(false).unwrap();
     let t0 = Instant::now();
+    let cut_if = if std::ptr::eq(cut, &ab) {
+        ab.a().ifname()
+    } else {
+        da.b().ifname()
+    };
     // Hold time with 1 s Hellos: the neighbour is lost after a few missed Hellos and the route is
     // switched; allow the route expiry bound (3.5 update intervals = 14 s) as the worst case.
     wait_until(Duration::from_secs(14), Duration::from_millis(100), || {
@@ -480,6 +485,27 @@ fn square_reroutes_when_a_link_is_cut() {
     .unwrap_or_else(|_| panic!("no reroute: {:?}", route_to(&nodes[0], &c)));
     eprintln!("square: rerouted via {other_if} after {:?}", t0.elapsed());
     wait_ping(&nodes[0], &v6_of(1), &c);
+    // The neighbour behind the cut is unreachable now (cost infinite or gone from the table).
+    wait_until(Duration::from_secs(15), POLL, || {
+        !dump(&nodes[0])
+            .neighbours
+            .iter()
+            .any(|n| n.iface == cut_if && n.cost < 0xffff)
+    })
+    .expect("neighbour behind the cut link still has a finite cost");
+    // Restoring the link brings the neighbour back (multicast membership survives down/up).
+    cut.set_up(true).unwrap();
+    let mut d = dump(&nodes[0]);
+    wait_until(Duration::from_secs(15), POLL, || {
+        d = dump(&nodes[0]);
+        d.neighbours.len() == 2 && d.neighbours.iter().all(|n| n.cost < 0xffff)
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "neighbour not back after the link returned: {:?}",
+            d.neighbours
+        )
+    });
 }
 
 /// A packet whose body is a Router-Id TLV (so that Updates after it have an originator) and `tlvs`.
@@ -678,33 +704,60 @@ fn malformed_packets_are_counted_and_tshark_decodes_ours() {
     );
 }
 
-/// RFC 8967: hypha and babeld with the same HMAC-SHA256 key exchange routes; a wrong key doesn't.
+/// RFC 8967: hypha and babeld with the same HMAC-SHA256 key exchange routes (after the challenge
+/// exchange both ways); a babeld with another key is not believed.
 #[test]
 fn mac_authentication_with_babeld() {
-    let key = "8f".repeat(64);
+    // 32 bytes, babeld's usual key size (64-byte keys interoperate as well).
+    let key = "8f".repeat(32);
+    let wrong = "8e".repeat(32);
     let net = TestNet::new("lab_mac").unwrap();
-    let n1 = net.add_node("n1").unwrap();
-    let n2 = net.add_node("n2").unwrap();
-    prepare(&n1, 1);
-    prepare(&n2, 2);
-    let l = net.link(&n1, &n2, LinkOpts::default()).unwrap();
-    let b_conf = [
-        &format!("key id k1 type hmac-sha256 value {key}")[..],
-        &format!("interface {} key k1", l.a().ifname())[..],
-    ];
-    let _b = start(&net, &n1, 1, Kind::Babeld, &[l.a().ifname()], &b_conf);
-    let mac_arg = format!("{}={key}", l.b().ifname());
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| net.add_node(&format!("n{i}")).unwrap())
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        prepare(n, i as u8 + 1);
+    }
+    let l12 = net.link(&nodes[0], &nodes[1], LinkOpts::default()).unwrap();
+    let l23 = net.link(&nodes[1], &nodes[2], LinkOpts::default()).unwrap();
+    let babeld_conf = |k: &str, ifname: &str| {
+        vec![
+            format!("key id k1 type hmac-sha256 value {k}"),
+            format!("interface {ifname} key k1"),
+        ]
+    };
+    let c1 = babeld_conf(&key, l12.a().ifname());
+    let c3 = babeld_conf(&wrong, l23.b().ifname());
+    let c1: Vec<&str> = c1.iter().map(String::as_str).collect();
+    let c3: Vec<&str> = c3.iter().map(String::as_str).collect();
+    let _b1 = start(&net, &nodes[0], 1, Kind::Babeld, &[l12.a().ifname()], &c1);
+    let _b3 = start(&net, &nodes[2], 3, Kind::Babeld, &[l23.b().ifname()], &c3);
+    let m12 = format!("{}={key}", l12.b().ifname());
+    let m23 = format!("{}={key}", l23.a().ifname());
     let _h = start(
         &net,
-        &n2,
+        &nodes[1],
         2,
         Kind::Hypha,
-        &[l.b().ifname()],
-        &["--mac-key", &mac_arg],
+        &[l12.b().ifname(), l23.a().ifname()],
+        &["--mac-key", &m12, "--mac-key", &m23],
     );
-    wait_route(&n1, &v6_of(2), "mac babeld<-hypha");
-    wait_route(&n2, &v6_of(1), "mac hypha<-babeld");
-    let d = dump(&n2);
-    let mac = d.interfaces[0].mac.expect("mac counters");
-    assert!(mac.accepted > 0, "{mac:?}");
+    wait_route(&nodes[0], &v6_of(2), "mac: babeld learns from hypha");
+    wait_route(&nodes[1], &v6_of(1), "mac: hypha learns from babeld");
+    // Give n3 the time n1 needed, and more: nothing from it may be believed.
+    std::thread::sleep(Duration::from_secs(3));
+    let d = dump(&nodes[1]);
+    let good = d.interfaces[0].mac.expect("mac counters");
+    assert!(
+        good.accepted > 0 && good.challenge_replies_sent > 0,
+        "{good:?}"
+    );
+    let bad = d.interfaces[1].mac.expect("mac counters");
+    assert!(bad.bad_mac > 0 && bad.accepted == 0, "{bad:?}");
+    assert!(route_to(&nodes[1], &v6_of(3)).is_none());
+    assert!(
+        !d.neighbours.iter().any(|n| n.iface == l23.a().ifname()),
+        "{:?}",
+        d.neighbours
+    );
 }
