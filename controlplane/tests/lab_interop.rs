@@ -734,7 +734,7 @@ fn mac_authentication_with_babeld() {
     let _b3 = start(&net, &nodes[2], 3, Kind::Babeld, &[l23.b().ifname()], &c3);
     let m12 = format!("{}={key}", l12.b().ifname());
     let m23 = format!("{}={key}", l23.a().ifname());
-    let _h = start(
+    let h = start(
         &net,
         &nodes[1],
         2,
@@ -760,4 +760,26 @@ fn mac_authentication_with_babeld() {
         "{:?}",
         d.neighbours
     );
+
+    // A restarted hypha (same --seed, Packet Counter from zero again) is believed again: a prefix
+    // added after the restart reaches n1, and n1's reaches hypha.
+    h.kill(Signal::SIGTERM).unwrap();
+    assert!(h.wait_exit(Duration::from_secs(10)).unwrap().success());
+    nodes[1]
+        .exec_ok(["ip", "-6", "addr", "add", "2001:db8:2::99/128", "dev", "lo"])
+        .unwrap();
+    let _h2 = start(
+        &net,
+        &nodes[1],
+        2,
+        Kind::Hypha,
+        &[l12.b().ifname(), l23.a().ifname()],
+        &["--mac-key", &m12, "--mac-key", &m23],
+    );
+    wait_route(
+        &nodes[0],
+        "2001:db8:2::99",
+        "mac: babeld believes the restarted hypha",
+    );
+    wait_route(&nodes[1], &v6_of(1), "mac: restarted hypha believes babeld");
 }

@@ -158,7 +158,7 @@ impl Lab {
         let addresses = netlink.addresses()?;
 
         let mut ifaces = Vec::new();
-        for (n, (s, ifindex, link_local)) in found.into_iter().enumerate() {
+        for (s, ifindex, link_local) in found {
             socket.join(ifindex).map_err(io_err("joining ff02::1:6"))?;
             let id = InterfaceId(ifindex);
             // Our addresses on the link: IHUs to them are ours, and an IPv4 one is announced as
@@ -185,12 +185,13 @@ impl Lab {
                 None
             } else {
                 Some(
-                    MacState::new(&s.mac_keys, seed.wrapping_add(n as u64 + 1)).map_err(
-                        |source| LabError::Mac {
-                            iface: s.name.clone(),
-                            source,
-                        },
-                    )?,
+                    // Not from `seed`: RFC 8967 §4.2 needs a fresh Index at every start, or
+                    // neighbours that remember our last (Index, PC) would take the restarted
+                    // counter for a replay. `--seed` fixes jitter, never this.
+                    MacState::new(&s.mac_keys, rand::random()).map_err(|source| LabError::Mac {
+                        iface: s.name.clone(),
+                        source,
+                    })?,
                 )
             };
             tracing::info!(iface = %s.name, ifindex, %link_local, mac = mac.is_some(), "interface up");
