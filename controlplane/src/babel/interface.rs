@@ -54,9 +54,9 @@ impl Default for RttConfig {
     }
 }
 
-/// Per-interface settings. Defaults are babeld's for wired links.
+/// Per-interface settings. Defaults are babeld's for wired links; build with
+/// `InterfaceConfig { kind: InterfaceKind::Broadcast, ..Default::default() }` or the helpers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct InterfaceConfig {
     /// Point-to-point overlay link or broadcast NIC.
     pub kind: InterfaceKind,

@@ -63,11 +63,9 @@ impl Router {
             self.send_hello(now, iface);
         }
         // RFC 9616 §3.3: an IHU's timestamps are only usable with the Hello timestamp of the same
-        // packet, wherever in the packet it is.
-        let hello_ts = packet.tlvs().find_map(|t| match t {
-            Ok(Tlv::Hello(h)) => h.timestamp,
-            _ => None,
-        });
+        // packet, wherever in the packet it is; so the RTT sample is taken after the loop.
+        let mut hello_ts = None;
+        let mut ihu_ts = None;
         let mut first_err = None;
         let mut changed = false;
         for tlv in packet.tlvs() {
@@ -78,11 +76,15 @@ impl Router {
                     Err(Error::from(e))
                 }
                 Ok(Tlv::Hello(h)) => {
+                    hello_ts = hello_ts.or(h.timestamp);
                     changed |= self.handle_hello(now, key, &h);
                     Ok(())
                 }
                 Ok(Tlv::Ihu(i)) => {
-                    changed |= self.handle_ihu(now, key, &i, hello_ts);
+                    if self.handle_ihu(now, key, &i) {
+                        changed = true;
+                        ihu_ts = ihu_ts.or(i.timestamp);
+                    }
                     Ok(())
                 }
                 Ok(Tlv::Update(u)) => self.handle_update(now, key, &u),
@@ -114,6 +116,9 @@ impl Router {
                 first_err.get_or_insert(e);
             }
         }
+        if let (Some(ts), Some(t3)) = (ihu_ts, hello_ts) {
+            self.rtt_sample(now, key, ts, t3);
+        }
         if changed {
             self.neighbour_changed(now, key);
         }
@@ -137,15 +142,8 @@ impl Router {
         true
     }
 
-    /// §3.4.2: an IHU addressed to us sets the neighbour's txcost; with timestamps it yields an RTT
-    /// sample (RFC 9616 §3.3: (t4 − t1) − (t3 − t2)).
-    fn handle_ihu(
-        &mut self,
-        now: Instant,
-        key: NeighbourKey,
-        ihu: &Ihu,
-        hello_ts: Option<u32>,
-    ) -> bool {
+    /// §3.4.2: an IHU addressed to us sets the neighbour's txcost. Returns whether it was ours.
+    fn handle_ihu(&mut self, now: Instant, key: NeighbourKey, ihu: &Ihu) -> bool {
         let Some(ifc) = self.interfaces.get(&key.iface) else {
             return false;
         };
@@ -161,7 +159,6 @@ impl Router {
             self.counters.ihus_not_for_us += 1;
             return false;
         }
-        let rtt = ifc.cfg.rtt;
         let hello_interval = ifc.cfg.hello_interval;
         let Some(n) = self.neighbours.get_mut(&key) else {
             return false;
@@ -173,19 +170,31 @@ impl Router {
             centis(ihu.interval)
         };
         n.ihu_expires = Some(now + interval.mul_f32(3.5));
-        if let (Some(cfg), Some((origin, receive)), Some(t3)) = (rtt, ihu.timestamp, hello_ts) {
-            // All wrapping u32 microseconds; babeld's sanity window of 10 minutes.
-            let local = timestamp(now).wrapping_sub(origin) as i32;
-            let remote = t3.wrapping_sub(receive) as i32;
-            if origin != 0
-                && (0..600_000_000).contains(&local)
-                && (0..600_000_000).contains(&remote)
-            {
-                let sample = (local - remote).max(0) as u32;
-                n.add_rtt_sample(now, sample, cfg.decay);
-            }
-        }
         true
+    }
+
+    /// An RTT sample from an IHU's (origin, receive) timestamps and the same packet's Hello
+    /// timestamp t3 (RFC 9616 §3.3: RTT = (t4 − t1) − (t3 − t2), all wrapping microseconds, with
+    /// babeld's sanity window of 10 minutes).
+    fn rtt_sample(
+        &mut self,
+        now: Instant,
+        key: NeighbourKey,
+        (origin, receive): (u32, u32),
+        t3: u32,
+    ) {
+        let Some(cfg) = self.interfaces.get(&key.iface).and_then(|i| i.cfg.rtt) else {
+            return;
+        };
+        let Some(n) = self.neighbours.get_mut(&key) else {
+            return;
+        };
+        let local = timestamp(now).wrapping_sub(origin) as i32;
+        let remote = t3.wrapping_sub(receive) as i32;
+        if origin != 0 && (0..600_000_000).contains(&local) && (0..600_000_000).contains(&remote) {
+            let sample = (local - remote).max(0) as u32;
+            n.add_rtt_sample(now, sample, cfg.decay);
+        }
     }
 
     /// §3.5.3: an Update (or retraction) from a neighbour.
@@ -356,7 +365,21 @@ impl Router {
                     self.send_full_update(now, key.iface);
                 }
             }
-            Some(p) => self.send_update(now, key.iface, p, true),
+            Some(p) => {
+                // Known prefixes are bounded by our tables; answers about unknown ones (which are
+                // retractions) are bounded here, so a neighbour asking about many cannot grow the
+                // buffer.
+                let known =
+                    self.xroutes.find(&p).is_some() || self.routes.prefixes.contains_key(&p);
+                let room = self.interfaces.get(&key.iface).is_some_and(|i| {
+                    i.mcast.updates.len() < super::interface::MAX_BUFFERED_REQUESTS
+                });
+                if known || room {
+                    self.send_update(now, key.iface, p, true);
+                } else {
+                    self.counters.output_dropped += 1;
+                }
+            }
         }
     }
 

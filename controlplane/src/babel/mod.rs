@@ -13,10 +13,10 @@
 //! and `filter` (which prefixes are believed).
 //!
 //! # Memory
-//! Every table is bounded: routes by [`RouterConfig::max_routes`] (about 60 bytes per prefix plus
-//! 96 per route), neighbours by [`RouterConfig::max_neighbours`] (about 160 bytes each, plus a
-//! unicast buffer while output to it is pending), sources by the routes we announce (~90 bytes
-//! each), pending seqno requests by [`MAX_PENDING_REQUESTS`]. Output is buffered per destination as
+//! Every table is bounded: routes by [`RouterConfig::max_routes`] (about 80 bytes per prefix plus
+//! 112 per route), neighbours by [`RouterConfig::max_neighbours`] (168 bytes each, plus a unicast
+//! buffer while output to it is pending), sources by the routes we announce (64 bytes each),
+//! pending seqno requests by [`MAX_PENDING_REQUESTS`]. Output is buffered per destination as
 //! *state*, not bytes: a set of prefixes whose current route is written when the packet is built,
 //! so a buffer never holds more than one entry per prefix, and a bounded number of requests and
 //! acks (excess is dropped and counted, as a lossy link would). Events are level-triggered: a set
@@ -59,10 +59,11 @@ use xroute::{XRoute, XRouteTable};
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// A change of the selected route's metric by at least this much triggers an Update (§3.7.2).
 const METRIC_TRIGGER: u16 = 128;
+/// A link cost change of at least this much makes the routes through the link be re-examined.
+const COST_RESELECT_DELTA: u16 = 16;
 
-/// Router-wide settings.
+/// Router-wide settings. Start from [`RouterConfig::new`] and change fields as needed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct RouterConfig {
     /// Our router-id (§3.2.2). Build it with [`router_id`]: 4 stable bytes from the node key and 4
     /// random bytes per start, so a restarted node is not held back by the feasibility distances
@@ -541,6 +542,17 @@ impl Router {
             }
         }
         if self.expire_at <= now {
+            // Neighbours heard from without a Hello (a stray request, say) have no timer of their
+            // own: sweep them here.
+            let dead: Vec<NeighbourKey> = self
+                .neighbours
+                .iter()
+                .filter(|(_, n)| n.is_dead())
+                .map(|(k, _)| *k)
+                .collect();
+            for k in dead {
+                self.flush_neighbour(now, k);
+            }
             self.expire_routes(now);
             self.sources.expire_sources(now, self.config.source_gc_time);
             self.expire_at = now + EXPIRY_INTERVAL;
@@ -848,6 +860,16 @@ impl Router {
         let cost = n.compute_cost(now, nominal, rtt.as_ref());
         let old = n.cost;
         n.cost = cost;
+        // Routes are re-examined when the cost moves by COST_RESELECT_DELTA or more since they last
+        // were (or the link goes up or down): RTT smoothing nudges the cost after every IHU, and a
+        // nudge smaller than the selection hysteresis cannot change the choice on its own. Every
+        // prefix is re-examined anyway when its next Update arrives.
+        let reference = n.cost_reselected;
+        let significant = (cost == INFINITY) != (reference == INFINITY)
+            || cost.abs_diff(reference) >= COST_RESELECT_DELTA;
+        if significant {
+            n.cost_reselected = cost;
+        }
         if rx_flipped {
             // Tell it at once that we hear it (or no longer do), with a Hello so that it can count
             // ours too: a new neighbour comes up within a few flush delays, not hello intervals.
@@ -862,11 +884,21 @@ impl Router {
                 self.send_full_update(now, key.iface);
             }
         }
+        if !significant {
+            return;
+        }
+        // Only routes through this neighbour change. A cheaper unselected route may now win; a
+        // dearer one cannot, unless it is the selected one.
+        let cheaper = cost < reference;
         let prefixes: Vec<Prefix> = self
             .routes
             .prefixes
             .iter()
-            .filter(|(_, e)| e.routes.iter().any(|r| r.neighbour == key))
+            .filter(|(_, e)| {
+                e.routes
+                    .iter()
+                    .any(|r| r.neighbour == key && (cheaper || r.selected))
+            })
             .map(|(p, _)| *p)
             .collect();
         for p in prefixes {

@@ -4,8 +4,8 @@
 //! plus, when timestamps are on, the RTT penalty of RFC 9616 §4 / babeld, with a floor of 1 so a
 //! zero-cost link cannot make long paths look free.
 //!
-//! Memory: a `Neighbour` is about 120 bytes plus its `BTreeMap` entry (~40 bytes) and, while it has
-//! unicast output pending, one `Buffered` (~200 bytes plus its queued prefixes).
+//! Memory: a neighbour is 168 bytes with its key, plus its `BTreeMap` slot and, while unicast
+//! output to it is pending, one `Buffered` (~200 bytes plus at most 64 requests and 16 acks).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -16,13 +16,35 @@ use hypha_proto::time::Instant;
 use super::interface::{InterfaceId, RttConfig};
 use super::seqno::SeqNo;
 
-/// A neighbour's identity: the interface it is on and its address there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A neighbour's identity: the interface it is on and its address there. Ordered by interface,
+/// then address (IPv4 first), compared as integers since tables compare keys all the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NeighbourKey {
     /// The interface.
     pub iface: InterfaceId,
     /// Its address (link-local in lab mode, the overlay address on overlay links).
     pub addr: IpAddr,
+}
+
+impl NeighbourKey {
+    fn sort_key(&self) -> (u32, bool, u128) {
+        match self.addr {
+            IpAddr::V4(a) => (self.iface.0, false, u128::from(u32::from(a))),
+            IpAddr::V6(a) => (self.iface.0, true, u128::from(a)),
+        }
+    }
+}
+
+impl Ord for NeighbourKey {
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        self.sort_key().cmp(&other.sort_key())
+    }
+}
+
+impl PartialOrd for NeighbourKey {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// The Hello history of §A.1: a 16-bit window of received (1) and missed (0) Hellos, newest in the
@@ -113,8 +135,10 @@ pub(crate) struct Neighbour {
     pub(crate) rtt_time: Option<Instant>,
     /// Transmit timestamp of its last Hello and when we got it, echoed in our IHUs.
     pub(crate) hello_ts: Option<(u32, u32)>,
-    /// The link cost as last computed; changes trigger route reselection.
+    /// The link cost as last computed.
     pub(crate) cost: u16,
+    /// The link cost when the routes through the neighbour were last re-examined.
+    pub(crate) cost_reselected: u16,
     /// Our rxcost as last advertised; a change triggers an early IHU.
     pub(crate) rxcost: u16,
 }
@@ -130,6 +154,7 @@ impl Neighbour {
             rtt_time: None,
             hello_ts: None,
             cost: INFINITY,
+            cost_reselected: INFINITY,
             rxcost: INFINITY,
         }
     }

@@ -2,9 +2,10 @@
 //! `selected` flag — one table, not a separate selected/fallback pair — and the selection rule of
 //! §3.6 with hysteresis.
 //!
-//! Memory: a `Route` is 96 bytes (it carries the 32-byte origin key); a prefix costs its `BTreeMap`
-//! entry (~60 bytes) plus a `Vec` of its routes, so a prefix heard from d neighbours takes about
-//! 60 + 96·d bytes (plus one source-table entry per router-id announced for it).
+//! Memory: a `Route` is 112 bytes (it carries the 32-byte origin key); a prefix costs its
+//! `BTreeMap` entry (~80 bytes with the selection snapshot) plus a `Vec` of its routes, so a prefix
+//! heard from d neighbours takes about 80 + 112·d bytes (plus one 64-byte source-table entry per
+//! router-id we announced it with).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

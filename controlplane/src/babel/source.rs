@@ -2,7 +2,7 @@
 //! feasibility distance — the smallest (seqno, metric) we announced — which is what makes Babel
 //! loop-free (§3.5.1).
 //!
-//! Memory: one entry is 56 bytes of key and value plus the `BTreeMap` overhead (~30 bytes).
+//! Memory: one entry is 64 bytes of key and value plus its `BTreeMap` slot.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

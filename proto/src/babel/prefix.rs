@@ -5,39 +5,55 @@ use core::fmt;
 use core::str::FromStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// An IPv4 or IPv6 prefix with its host bits cleared. Ordered by family, then address, then length,
-/// so route tables iterate deterministically.
+/// An IPv4 or IPv6 prefix with its host bits cleared. Ordered by family (IPv4 first), then
+/// address, then length, so route tables iterate deterministically. Stored as integers so that the
+/// comparisons route tables make all the time are cheap.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Prefix {
-    addr: IpAddr,
+    /// 0 for IPv4, 1 for IPv6.
+    family: u8,
+    /// The address, right-aligned for IPv4.
+    bits: u128,
     len: u8,
 }
 
 impl Prefix {
     /// The prefix `addr/len` with host bits cleared, or `None` if `len` exceeds the family's width.
     pub fn new(addr: IpAddr, len: u8) -> Option<Prefix> {
-        let addr = match addr {
+        match addr {
             IpAddr::V4(a) => {
                 if len > 32 {
                     return None;
                 }
                 let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+                Some(Prefix {
+                    family: 0,
+                    bits: u128::from(u32::from(a) & mask),
+                    len,
+                })
             }
             IpAddr::V6(a) => {
                 if len > 128 {
                     return None;
                 }
                 let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+                Some(Prefix {
+                    family: 1,
+                    bits: u128::from(a) & mask,
+                    len,
+                })
             }
-        };
-        Some(Prefix { addr, len })
+        }
     }
 
     /// The network address (host bits zero).
     pub fn addr(&self) -> IpAddr {
-        self.addr
+        if self.family == 0 {
+            // Built from a u32 in `new`.
+            IpAddr::V4(Ipv4Addr::from(self.bits as u32))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(self.bits))
+        }
     }
 
     /// The prefix length in bits.
@@ -48,7 +64,7 @@ impl Prefix {
 
     /// True for an IPv4 prefix.
     pub fn is_ipv4(&self) -> bool {
-        self.addr.is_ipv4()
+        self.family == 0
     }
 
     /// Whether `ip` lies inside this prefix.
@@ -58,13 +74,13 @@ impl Prefix {
 
     /// Whether `other` lies entirely inside this prefix.
     pub fn covers(&self, other: &Prefix) -> bool {
-        other.len >= self.len && self.contains(other.addr)
+        other.len >= self.len && self.contains(other.addr())
     }
 
     /// The address bytes: 4 for IPv4, 16 for IPv6.
     pub(crate) fn octets(&self) -> ([u8; 16], usize) {
         let mut out = [0u8; 16];
-        match self.addr {
+        match self.addr() {
             IpAddr::V4(a) => {
                 out[..4].copy_from_slice(&a.octets());
                 (out, 4)
@@ -76,7 +92,7 @@ impl Prefix {
 
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
+        write!(f, "{}/{}", self.addr(), self.len)
     }
 }
 
