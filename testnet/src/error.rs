@@ -54,6 +54,15 @@ pub enum Error {
     /// A node or link from another [`TestNet`](crate::TestNet) was passed in.
     #[error("{0} does not belong to this TestNet")]
     Foreign(String),
+    /// A process ended while the caller was waiting for it to do something
+    /// ([`ProcHandle::wait_for_log`](crate::ProcHandle::wait_for_log)).
+    #[error("process {name} ended ({exit}) before it logged what was awaited")]
+    Exited {
+        /// The name given to `spawn`.
+        name: String,
+        /// How it ended.
+        exit: crate::ProcExit,
+    },
     /// [`wait_until`](crate::wait_until) or a `wait_exit` ran out of time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),

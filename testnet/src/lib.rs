@@ -3,42 +3,88 @@
 //! Hypha's integration tests run real processes over real veth links (DESIGN.md, principle 6).
 //! This crate builds such a network for one test and takes it down again, even when the test
 //! panics, so tests can run in parallel with each other and with other users of the machine.
+//! Needs root, iproute2, nftables and iputils-ping.
+//!
+//! Use it as a dev-dependency: `hypha-testnet.workspace = true` under `[dev-dependencies]`.
 //!
 //! ```no_run
+//! use std::net::IpAddr;
 //! use std::time::Duration;
 //! use hypha_testnet::{wait_until, LinkOpts, TestNet};
 //!
 //! # fn main() -> hypha_testnet::Result<()> {
-//! let net = TestNet::new("my_test")?;
-//! let a = net.add_node("a")?;
+//! let net = TestNet::new("my_test")?;            // names: hy<pid>-<n>-a, ...
+//! let a = net.add_node("a")?;                    // a namespace with lo up
 //! let b = net.add_node("b")?;
 //! let ab = net.link(&a, &b, LinkOpts::default().with_loss_to_b(10.0))?;
-//! let out = a.exec(["ping", "-c", "3", "-i", "0.2", &ab.b().ipv4().to_string()])?;
-//! let daemon = b.spawn_args("sleeper", ["sleep", "100"])?;
-//! wait_until(Duration::from_secs(5), Duration::from_millis(50), || daemon.is_running())?;
-//! # let _ = out;
-//! // Dropping `net` stops `daemon`, deletes the veth and both namespaces.
+//! // a: 10.0.0.1/24 + fd00::1/64 on ab.a().ifname(); b: 10.0.0.2 + fd00::2 on ab.b().ifname()
+//! let stats = a.ping(IpAddr::V4(ab.b().ipv4()), 20, Duration::from_millis(10))?;
+//! println!("lost {:.0} %", 100.0 * stats.loss_ratio());
+//!
+//! // A daemon: stdout+stderr to <net.log_dir()>/hypha-b.log, stopped at drop.
+//! // (In the crate that builds the binary: `env!("CARGO_BIN_EXE_hypha")`.)
+//! let mut cmd = std::process::Command::new("/path/to/hypha");
+//! cmd.args(["--peers", &format!("udp://{}:9651", ab.a().ipv4())]);
+//! let daemon = b.spawn("hypha-b", cmd)?;
+//! daemon.wait_for_log("listening", Duration::from_secs(10))?;
+//! wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+//!     a.ping(IpAddr::V4(ab.b().ipv4()), 1, Duration::from_millis(10))
+//!         .is_ok_and(|s| s.received == 1)
+//! })?;
+//!
+//! // Rust code inside a namespace (sockets stay in it afterwards):
+//! let sock = a.run_in(|| std::net::UdpSocket::bind("0.0.0.0:0")).map(|r| r.ok())?;
+//! # let _ = sock;
+//! let tag = net.tag().to_string();
+//! drop(net); // stops daemon, deletes veths and namespaces
+//! assert!(TestNet::leftovers(&tag)?.is_empty());
 //! # Ok(()) }
 //! ```
+//!
+//! ## What is where
+//! - [`TestNet`]: [`new`](TestNet::new), [`add_node`](TestNet::add_node),
+//!   [`link`](TestNet::link), [`udp_delay_relay`](TestNet::udp_delay_relay),
+//!   [`tag`](TestNet::tag), [`log_dir`](TestNet::log_dir), [`leftovers`](TestNet::leftovers).
+//! - [`Node`]: [`exec`](Node::exec), [`exec_ok`](Node::exec_ok),
+//!   [`exec_command`](Node::exec_command), [`spawn`](Node::spawn),
+//!   [`spawn_args`](Node::spawn_args), [`run_in`](Node::run_in), [`ping`](Node::ping),
+//!   [`sysctl`](Node::sysctl), [`enable_forwarding`](Node::enable_forwarding).
+//! - [`Link`] / [`LinkEnd`]: addresses and interface names of each end,
+//!   [`set_up`](Link::set_up) to cut and restore, [`set_loss`](Link::set_loss).
+//! - [`ProcHandle`]: [`pid`](ProcHandle::pid), [`kill`](ProcHandle::kill),
+//!   [`wait_exit`](ProcHandle::wait_exit), [`wait_for_log`](ProcHandle::wait_for_log),
+//!   [`stop`](ProcHandle::stop), [`log`](ProcHandle::log).
+//! - [`Relay`], [`wait_until`], [`retry_interrupted`], [`parse_ping`], [`ensure_bpffs`].
 //!
 //! ## Names
 //! Every kernel object gets the net's [`tag`](TestNet::tag), `hy<pid base36>-<counter base36>`
 //! (e.g. `hy2n9c-3`): namespaces are `<tag>-<node>`, veth ends `<tag>-<link><a|b>` (at most 15
-//! bytes), the hidden middle namespace of a delayed link `<tag>_d<link>`. Only objects with the tag
-//! are ever deleted; [`TestNet::leftovers`] lists what is left of a tag.
+//! bytes), the hidden middle namespace of a delayed link `<tag>_d<link>`. veths are created
+//! directly inside the namespaces, never in the default one. Only objects with the tag are ever
+//! deleted; [`TestNet::leftovers`] lists what is left of a tag.
 //!
 //! ## Teardown (in `Drop`)
 //! Relays and delay bridges stop; every spawned process gets SIGTERM (its whole process group),
 //! then SIGKILL after [`STOP_GRACE`], and is reaped; any other process still inside one of the
 //! namespaces is killed by PID; the veths and namespaces are deleted. If the thread is panicking,
 //! the tail of every process log is printed to stderr and the log directory is kept; otherwise it
-//! is removed. Teardown errors are printed, never panicked on.
+//! is removed. Teardown errors are printed, never panicked on. A test process killed outright
+//! (SIGKILL) cannot run `Drop`: its namespaces and processes stay until removed by hand
+//! (`ip netns list | grep ^hy`).
 //!
 //! ## Loss and delay
-//! No `sch_netem` on this kernel: loss is an nftables `numgen random` drop rule in the receiving
-//! namespace ([`LinkOpts::loss_to_a`], [`Link::set_loss`]); delay is either a user-space L2 bridge
-//! inside a link ([`LinkOpts::delay`], all traffic) or a UDP relay ([`TestNet::udp_delay_relay`],
-//! UDP only, between two chosen addresses).
+//! No `sch_netem` on this kernel. Loss is an nftables `numgen random` drop rule in the receiving
+//! namespace ([`LinkOpts::loss_to_a`]/[`loss_to_b`](LinkOpts::loss_to_b), [`Link::set_loss`]);
+//! it drops IPv4/IPv6 packets, not ARP. Delay comes in two kinds:
+//! - [`LinkOpts::delay`]: the whole link is delayed (every frame, every protocol, ping included)
+//!   by a user-space layer-2 bridge in a hidden middle namespace. Nothing to configure in the
+//!   nodes; use this by default.
+//! - [`TestNet::udp_delay_relay`]: a UDP-only relay between one listening address and one target,
+//!   for delaying a single peering (point node A's peer address at the relay instead of at B).
+//!
+//! Both hold each packet for a fixed time on a thread of the test process, so the delay is a
+//! lower bound (plus scheduling noise on a busy machine): assert `rtt >= 2 * delay`, never an
+//! upper bound.
 #![warn(missing_docs)]
 
 mod bridge;
@@ -182,6 +228,14 @@ fn owned_by(name: &str, tag: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(['-', '_']))
 }
 
+/// `ip netns add`, one at a time per process: the first call on a fresh machine sets up the
+/// shared `/run/netns` mount, and two first calls racing could stack two such mounts.
+fn add_netns(name: &str) -> Result<()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    ns::host_ok(["ip", "netns", "add", name]).map(drop)
+}
+
 fn netns_names() -> Result<Vec<String>> {
     match std::fs::read_dir(ns::NETNS_DIR) {
         Ok(dir) => Ok(dir
@@ -298,25 +352,22 @@ impl TestNet {
             state.node_names.push(name.to_string());
             state.namespaces.push(netns.clone());
         }
-        ns::host_ok(["ip", "netns", "add", &netns])?;
+        add_netns(&netns)?;
         let node = Node {
             shared: self.shared.clone(),
             name: name.to_string(),
             netns,
         };
         ns::host_ok(["ip", "-n", &node.netns, "link", "set", "lo", "up"])?;
-        for key in [
-            "net.ipv6.conf.all.accept_dad",
-            "net.ipv6.conf.default.accept_dad",
-        ] {
-            node.sysctl(key, "0")?;
-        }
-        for key in [
-            "net.ipv6.conf.all.keep_addr_on_down",
-            "net.ipv6.conf.default.keep_addr_on_down",
-        ] {
-            node.sysctl(key, "1")?;
-        }
+        node.exec_ok([
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.keep_addr_on_down=1",
+            "net.ipv6.conf.default.keep_addr_on_down=1",
+        ])?;
         Ok(node)
     }
 
@@ -422,17 +473,17 @@ impl TestNet {
             return Err(Error::NameTooLong(mx));
         }
         self.shared.lock_state().namespaces.push(middle.clone());
-        ns::host_ok(["ip", "netns", "add", &middle])?;
+        add_netns(&middle)?;
         // The middle must stay silent: no IPv6 (no router solicitations, no NDP), no addresses.
-        for key in [
-            "net.ipv6.conf.all.disable_ipv6",
-            "net.ipv6.conf.default.disable_ipv6",
-        ] {
-            let mut cmd = std::process::Command::new("sysctl");
-            cmd.args(["-q", "-w", &format!("{key}=1")]);
-            ns::command_in_netns(&mut cmd, &middle)?;
-            ns::output_ok(cmd)?;
-        }
+        let mut cmd = std::process::Command::new("sysctl");
+        cmd.args([
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
+        ns::command_in_netns(&mut cmd, &middle)?;
+        ns::output_ok(cmd)?;
         self.veth_pair(&a.netns, &a.ifname, &middle, &mx)?;
         self.veth_pair(&middle, &my, &b.netns, &b.ifname)?;
         for dev in [&mx, &my] {
@@ -445,7 +496,7 @@ impl TestNet {
 
     /// Starts a UDP delay relay in `node`'s namespace: datagrams sent to `listen` are forwarded to
     /// `target` after `delay`, and replies come back to the sender after another `delay`. UDP
-    /// only; see [`Relay`] and the `relay` module docs for how to put it between two hypha nodes.
+    /// only; see [`Relay`] for how to put it between two hypha nodes.
     /// `listen` may have port 0; [`Relay::local_addr`] tells the real one.
     pub fn udp_delay_relay(
         &self,
@@ -634,9 +685,93 @@ pub fn wait_until(
     }
 }
 
+/// Repeats `f` while it fails with [`std::io::ErrorKind::Interrupted`].
+///
+/// Blocking socket calls with a timeout (`recv_from` after `set_read_timeout`, for instance) fail
+/// with `EINTR` when the process is stopped and continued, even without signal handlers
+/// (signal(7)); on the shared test machines that happens under load. Wrap such calls in tests:
+///
+/// ```no_run
+/// # let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+/// let mut buf = [0u8; 1500];
+/// let (n, from) = hypha_testnet::retry_interrupted(|| sock.recv_from(&mut buf))?;
+/// # let _ = (n, from); Ok::<(), std::io::Error>(())
+/// ```
+pub fn retry_interrupted<T>(mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Where eBPF objects are pinned.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+fn bpffs_mounted() -> Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
+    // Fields: id parent major:minor root MOUNTPOINT options ... - FSTYPE source superoptions
+    Ok(info.lines().any(|line| {
+        let mountpoint = line.split_whitespace().nth(4);
+        let fstype = line
+            .split(" - ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next());
+        mountpoint == Some(BPFFS) && fstype == Some("bpf")
+    }))
+}
+
+/// Mounts bpffs at [`BPFFS`] unless it is mounted already (it is not after boot on the test
+/// machines). Processes from [`Node::spawn`] and threads in [`Node::run_in`] share the host's
+/// mounts, so pins made there are visible to the test and to each other.
+pub fn ensure_bpffs() -> Result<()> {
+    static ONCE: Mutex<()> = Mutex::new(());
+    let _serialise = ONCE.lock().unwrap_or_else(|p| p.into_inner());
+    if bpffs_mounted()? {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::sys(format!("mount bpffs at {BPFFS}"), e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handles_can_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<TestNet>();
+        send_sync::<Node>();
+        send_sync::<Link>();
+        send_sync::<ProcHandle>();
+        send_sync::<Relay>();
+        send_sync::<Error>();
+    }
+
+    #[test]
+    fn bpffs_is_mounted_after_ensure() {
+        let mounts = || {
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            info.lines()
+                .filter(|l| l.split_whitespace().nth(4) == Some(BPFFS))
+                .count()
+        };
+        ensure_bpffs().unwrap();
+        assert!(bpffs_mounted().unwrap());
+        // Idempotent: a second call does not stack another mount.
+        let before = mounts();
+        ensure_bpffs().unwrap();
+        assert_eq!(mounts(), before);
+    }
 
     #[test]
     fn base36_digits() {

@@ -52,7 +52,8 @@ impl Node {
     }
 
     /// Runs a command in the namespace and waits for it; returns its output whatever the exit
-    /// status. `args[0]` is the program (looked up in `PATH`).
+    /// status. `args[0]` is the program (looked up in `PATH`). There is no timeout: bound commands
+    /// that could hang yourself (`ping -W`, `timeout 10 cmd`).
     ///
     /// ```no_run
     /// # fn f(node: &hypha_testnet::Node) -> hypha_testnet::Result<()> {

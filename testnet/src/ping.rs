@@ -67,8 +67,9 @@ pub fn parse_ping(stdout: &str) -> Option<PingStats> {
 
 impl Node {
     /// Pings `dst` `count` times, `interval` apart (root may go down to 2 ms), waiting at most 1 s
-    /// for each reply, and returns the summary. Loss is not an error; a ping that cannot run, or
-    /// output without a summary, is.
+    /// for each reply, and returns the summary. Loss is not an error. A ping that cannot run or
+    /// prints no summary is an [`Error::Command`] with ping's stderr — for example
+    /// `connect: Network is unreachable` when no route leads to `dst` (a cut link).
     pub fn ping(&self, dst: IpAddr, count: u32, interval: Duration) -> Result<PingStats> {
         let out = self.exec([
             "ping".to_string(),

@@ -27,6 +27,8 @@ pub enum ProcExit {
     Code(i32),
     /// It was killed by this signal number.
     Signal(i32),
+    /// Something else in the test process reaped it (a stray `waitpid(-1)`); status unknown.
+    Lost,
 }
 
 impl ProcExit {
@@ -44,6 +46,7 @@ impl fmt::Display for ProcExit {
                 Ok(s) => write!(f, "killed by {s}"),
                 Err(_) => write!(f, "killed by signal {sig}"),
             },
+            ProcExit::Lost => write!(f, "reaped elsewhere, status unknown"),
         }
     }
 }
@@ -207,7 +210,7 @@ impl ProcHandle {
             Ok(_) => {}
             Err(Errno::ECHILD) => {
                 // Someone else reaped it (a stray waitpid(-1) elsewhere in the test process).
-                *exit = Some(ProcExit::Signal(0));
+                *exit = Some(ProcExit::Lost);
                 return Ok(*exit);
             }
             Err(e) => return Err(Error::sys(format!("waitid({pid})"), e)),
@@ -239,6 +242,31 @@ impl ProcHandle {
                 return Err(Error::Timeout(timeout));
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until the log contains `needle` (e.g. a daemon's "listening" line). Fails fast with
+    /// [`Error::Exited`] if the process ends first, or with [`Error::Timeout`].
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log()?.contains(needle) {
+                return Ok(());
+            }
+            if let Some(exit) = self.try_exit()? {
+                // It may have written the line just before exiting.
+                if self.log()?.contains(needle) {
+                    return Ok(());
+                }
+                return Err(Error::Exited {
+                    name: self.inner.name.clone(),
+                    exit,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -49,6 +49,30 @@ pub(crate) struct RelayShared {
 /// A running UDP delay relay, made by
 /// [`TestNet::udp_delay_relay`](crate::TestNet::udp_delay_relay). Cheap to clone.
 ///
+/// It runs on a thread of the test process inside a node's namespace. For every client address
+/// that sends to [`local_addr`](Relay::local_addr) it opens an upstream socket connected to the
+/// [`target`](Relay::target): client datagrams are held for [`delay`](Relay::delay) and sent to
+/// the target from that socket; the target's replies are held for `delay` and sent back to the
+/// client from the listening socket. A round trip through it takes at least `2 × delay`, and
+/// datagrams keep their order. **UDP only** (Hypha's underlay is UDP); for delaying everything on
+/// a link use [`LinkOpts::delay`](crate::LinkOpts::delay).
+///
+/// Delaying one hypha peering: start the relay in A's namespace (e.g. listening on
+/// `127.0.0.1:0`, target B's underlay address), and configure A to peer with
+/// `relay.local_addr()` instead of B — and B not to dial A directly. B sees A's packets coming
+/// from A's address with the upstream socket's port.
+///
+/// ```no_run
+/// # fn f(net: &hypha_testnet::TestNet, a: &hypha_testnet::Node, ab: &hypha_testnet::Link)
+/// #     -> hypha_testnet::Result<()> {
+/// use std::net::SocketAddr;
+/// let b_underlay = SocketAddr::new(ab.b().ipv4().into(), 9651);
+/// let relay = net.udp_delay_relay(a, "127.0.0.1:0".parse().unwrap(), b_underlay,
+///                                 std::time::Duration::from_millis(50))?;
+/// let peer_arg = format!("udp://{}", relay.local_addr()); // give this to A
+/// # let _ = peer_arg; Ok(()) }
+/// ```
+///
 /// It runs until [`stop`](Relay::stop) or until the `TestNet` is dropped; dropping the handle does
 /// not stop it.
 #[derive(Clone)]
@@ -82,7 +106,9 @@ impl Relay {
         self.shared.delay
     }
 
-    /// Datagrams forwarded from clients to the target so far.
+    /// Datagrams forwarded from clients to the target so far. Counted just after each send, so a
+    /// receiver may see a datagram a moment before it is counted; read after
+    /// [`stop`](Relay::stop) for final numbers.
     pub fn forwarded_to_target(&self) -> u64 {
         self.shared.to_target.load(Ordering::Relaxed)
     }

@@ -65,6 +65,7 @@ fn line_with_loss_on_one_link() {
         .ping(IpAddr::V4(bc.b().ipv4()), 200, Duration::from_millis(10))
         .unwrap();
     let loss = bc_stats.loss_ratio();
+    eprintln!("b→c with 10 % configured: {bc_stats:?}");
     assert_eq!(bc_stats.transmitted, 200);
     assert!(
         (0.02..=0.25).contains(&loss),
