@@ -422,6 +422,49 @@ fn hypha_babeld_babeld_line() {
     }
 }
 
+/// Three hypha routers; the middle one configured from a TOML file (`-c`) with per-interface
+/// timers, no flags.
+#[test]
+fn hypha_hypha_hypha_line_with_config_file() {
+    let net = TestNet::new("lab_hhh").unwrap();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| net.add_node(&format!("n{i}")).unwrap())
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        prepare(n, i as u8 + 1);
+    }
+    let l12 = net.link(&nodes[0], &nodes[1], LinkOpts::default()).unwrap();
+    let l23 = net.link(&nodes[1], &nodes[2], LinkOpts::default()).unwrap();
+    let _p1 = start(&net, &nodes[0], 1, Kind::Hypha, &[l12.a().ifname()], &[]);
+    let _p3 = start(&net, &nodes[2], 3, Kind::Hypha, &[l23.b().ifname()], &[]);
+    let conf = file(&net, "hypha2.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "redistribute = [\"2001:db8::/32\"]\n\
+             update-interval = 4.0\n\
+             [[interface]]\nname = \"{}\"\nhello-interval = 1.0\n\
+             [[interface]]\nname = \"{}\"\nhello-interval = 0.5\n",
+            l12.b().ifname(),
+            l23.a().ifname()
+        ),
+    )
+    .unwrap();
+    link_local(&nodes[1], l12.b().ifname());
+    link_local(&nodes[1], l23.a().ifname());
+    let mut cmd = Command::new(HYPHA);
+    cmd.args(["lab", "-c", conf.to_str().unwrap()]);
+    let _p2 = nodes[1].spawn("hypha2", cmd).unwrap();
+    wait_route(&nodes[0], &v6_of(3), "hypha-hypha-hypha");
+    wait_route(&nodes[2], &v6_of(1), "hypha-hypha-hypha");
+    wait_ping(&nodes[0], &v6_of(1), &v6_of(3));
+    let d = dump(&nodes[1]);
+    let hellos: Vec<u64> = d.interfaces.iter().map(|i| i.hello_interval_ms).collect();
+    assert_eq!(hellos, [1000, 500]);
+    // Only IPv6 was asked for: no IPv4 prefix of n2 announced.
+    assert!(d.xroutes.iter().all(|x| x.contains(':')), "{:?}", d.xroutes);
+}
+
 #[test]
 fn bird_hypha_bird_line() {
     let l = line("lab_rhr", [Kind::Bird, Kind::Hypha, Kind::Bird]);
@@ -569,6 +612,76 @@ fn dropped(d: &Dump) -> u64 {
         .sum()
 }
 
+/// tshark capturing Babel on one interface of a node, into the net's log directory.
+struct Capture {
+    proc: ProcHandle,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(net: &TestNet, node: &Node, ifname: &str) -> Capture {
+        link_local(node, ifname);
+        let file = file(net, &format!("{}-{ifname}.pcapng", node.name()));
+        let proc = node
+            .spawn_args(
+                &format!("tshark-{ifname}"),
+                [
+                    "tshark",
+                    "-i",
+                    ifname,
+                    "-w",
+                    file.to_str().unwrap(),
+                    "-f",
+                    "udp port 6696",
+                ],
+            )
+            .unwrap();
+        // tshark prints "Capturing on" once it is ready.
+        wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            proc.log().unwrap_or_default().contains("Capturing on")
+        })
+        .expect("tshark did not start");
+        Capture { proc, file }
+    }
+
+    /// Stops capturing and decodes the packets sent from `src` with `tshark -V`: they must all be
+    /// Babel, none malformed or with an error-level expert note, and all with hop limit 1.
+    /// Returns the decoded text.
+    fn decode_ours(self, net: &TestNet, src: Ipv6Addr) -> String {
+        self.proc.stop().unwrap();
+        let filter = format!("ipv6.src == {src}");
+        let out = Command::new("tshark")
+            .args(["-r", self.file.to_str().unwrap(), "-Y", &filter, "-V"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        std::fs::write(file(net, "tshark.txt"), text.as_bytes()).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let frames = text.matches("\nFrame ").count() + usize::from(text.starts_with("Frame "));
+        let packets = text.matches("Babel Routing Protocol").count();
+        assert!(packets >= 3, "too few of our packets decoded ({packets})");
+        assert_eq!(packets, frames, "some of our packets are not Babel");
+        // Link-local scope only: hop limit 1 on everything we send.
+        let hops: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("Hop Limit:"))
+            .collect();
+        assert_eq!(hops.len(), packets);
+        assert!(hops.iter().all(|l| *l == "Hop Limit: 1"), "{hops:?}");
+        assert!(!text.contains("Malformed"), "tshark: malformed\n{text}");
+        assert!(
+            !text.contains("Expert Info (Error"),
+            "tshark: error\n{text}"
+        );
+        text
+    }
+}
+
 /// Malformed packets are dropped and counted; hypha keeps routing. Also: tshark decodes hypha's
 /// own packets as Babel without malformed-packet or error expert info.
 #[test]
@@ -582,28 +695,8 @@ fn malformed_packets_are_counted_and_tshark_decodes_ours() {
     }
     let l12 = net.link(&nodes[0], &nodes[1], LinkOpts::default()).unwrap();
     let l23 = net.link(&nodes[1], &nodes[2], LinkOpts::default()).unwrap();
-    let cap = file(&net, "capture.pcapng");
     let if2 = l12.b().ifname();
-    link_local(&nodes[1], if2);
-    let tshark = nodes[1]
-        .spawn_args(
-            "tshark",
-            [
-                "tshark",
-                "-i",
-                if2,
-                "-w",
-                cap.to_str().unwrap(),
-                "-f",
-                "udp port 6696",
-            ],
-        )
-        .unwrap();
-    // tshark prints "Capturing on" once it is ready.
-    wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
-        tshark.log().unwrap_or_default().contains("Capturing on")
-    })
-    .expect("tshark did not start");
+    let capture = Capture::start(&net, &nodes[1], if2);
     let _p1 = start(&net, &nodes[0], 1, Kind::Babeld, &[l12.a().ifname()], &[]);
     let _p2 = start(
         &net,
@@ -667,41 +760,13 @@ fn malformed_packets_are_counted_and_tshark_decodes_ours() {
     ))
     .is_ok());
     assert!(_p2.is_running());
-    tshark.stop().unwrap();
-
-    let filter = format!("babel && ipv6.src == {hypha_ll}");
-    let out = Command::new("tshark")
-        .args(["-r", cap.to_str().unwrap(), "-Y", &filter, "-V"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    std::fs::write(file(&net, "tshark.txt"), text.as_bytes()).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let packets = text.matches("Babel Routing Protocol").count();
-    assert!(packets >= 3, "too few of our packets decoded ({packets})");
+    let text = capture.decode_ours(&net, hypha_ll);
     for tlv in ["hello (4)", "ihu (5)", "update (8)"] {
         assert!(
             text.contains(&format!("Message Type: {tlv}")),
             "no {tlv} decoded"
         );
     }
-    // Link-local scope only: hop limit 1 on everything we send.
-    let hops: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("Hop Limit:"))
-        .collect();
-    assert_eq!(hops.len(), packets);
-    assert!(hops.iter().all(|l| *l == "Hop Limit: 1"), "{hops:?}");
-    assert!(!text.contains("Malformed"), "tshark: malformed\n{text}");
-    assert!(
-        !text.contains("Expert Info (Error"),
-        "tshark: error\n{text}"
-    );
 }
 
 /// RFC 8967: hypha and babeld with the same HMAC-SHA256 key exchange routes (after the challenge
@@ -732,6 +797,7 @@ fn mac_authentication_with_babeld() {
     let c3: Vec<&str> = c3.iter().map(String::as_str).collect();
     let _b1 = start(&net, &nodes[0], 1, Kind::Babeld, &[l12.a().ifname()], &c1);
     let _b3 = start(&net, &nodes[2], 3, Kind::Babeld, &[l23.b().ifname()], &c3);
+    let capture = Capture::start(&net, &nodes[1], l12.b().ifname());
     let m12 = format!("{}={key}", l12.b().ifname());
     let m23 = format!("{}={key}", l23.a().ifname());
     let h = start(
@@ -760,6 +826,16 @@ fn mac_authentication_with_babeld() {
         "{:?}",
         d.neighbours
     );
+
+    // tshark decodes our signed packets (PC TLV in the body, MAC TLV in the trailer) cleanly.
+    let hypha_ll = link_local(&nodes[1], l12.b().ifname());
+    let text = capture.decode_ours(&net, hypha_ll);
+    for tlv in ["pc (17)", "hmac (16)", "challenge-reply (19)"] {
+        assert!(
+            text.contains(&format!("Message Type: {tlv}")),
+            "no {tlv} decoded"
+        );
+    }
 
     // A restarted hypha (same --seed, Packet Counter from zero again) is believed again: a prefix
     // added after the restart reaches n1, and n1's reaches hypha.
