@@ -155,10 +155,12 @@ fn start(
         Kind::Bird => {
             let conf = file(net, &format!("bird{n}.conf"));
             let sock = file(net, &format!("bird{n}.ctl"));
+            // Extra arguments are lines inside every interface block (e.g. authentication).
+            let inner: String = extra.iter().map(|l| format!(" {l}")).collect();
             let mut ifs = String::new();
             for i in ifaces {
                 ifs.push_str(&format!(
-                    "  interface \"{i}\" {{ type wired; hello interval 1 s; update interval 4 s; }};\n"
+                    "  interface \"{i}\" {{ type wired; hello interval 1 s; update interval 4 s;{inner} }};\n"
                 ));
             }
             let text = format!(
@@ -767,6 +769,34 @@ fn malformed_packets_are_counted_and_tshark_decodes_ours() {
             "no {tlv} decoded"
         );
     }
+}
+
+/// RFC 8967 with BIRD: the same HMAC-SHA256 key (BIRD's password string, hex-encoded for hypha).
+#[test]
+fn mac_authentication_with_bird() {
+    let password = "hypha-lab-bird-secret-0123456789";
+    let key: String = password.bytes().map(|b| format!("{b:02x}")).collect();
+    let net = TestNet::new("lab_macr").unwrap();
+    let n1 = net.add_node("n1").unwrap();
+    let n2 = net.add_node("n2").unwrap();
+    prepare(&n1, 1);
+    prepare(&n2, 2);
+    let l = net.link(&n1, &n2, LinkOpts::default()).unwrap();
+    let auth = format!("authentication mac; password \"{password}\" {{ algorithm hmac sha256; }};");
+    let _b = start(&net, &n1, 1, Kind::Bird, &[l.a().ifname()], &[&auth]);
+    let m = format!("{}={key}", l.b().ifname());
+    let _h = start(
+        &net,
+        &n2,
+        2,
+        Kind::Hypha,
+        &[l.b().ifname()],
+        &["--mac-key", &m],
+    );
+    wait_route(&n1, &v6_of(2), "mac: BIRD learns from hypha");
+    wait_route(&n2, &v6_of(1), "mac: hypha learns from BIRD");
+    let mac = dump(&n2).interfaces[0].mac.expect("mac counters");
+    assert!(mac.accepted > 0 && mac.bad_mac == 0, "{mac:?}");
 }
 
 /// RFC 8967: hypha and babeld with the same HMAC-SHA256 key exchange routes (after the challenge
