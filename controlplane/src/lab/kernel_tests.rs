@@ -98,6 +98,9 @@ fn babel_socket_learns_interface_and_sends_from_link_local() {
         let ll_a = wait_ll(&mut nl, va);
         let ll_b = wait_ll(&mut nl, vb);
         let s = BabelSocket::bind(BABEL_PORT).unwrap();
+        // The port is ours alone.
+        let second = BabelSocket::bind(BABEL_PORT).unwrap_err();
+        assert_eq!(second.kind(), std::io::ErrorKind::AddrInUse);
         s.join(va).unwrap();
         let peer = UdpSocket::bind(SocketAddrV6::new(ll_b, 0, 0, vb)).unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -59,6 +59,7 @@ fn setsockopt_raw<T>(fd: RawFd, level: i32, name: i32, value: &T) -> io::Result<
 
 impl BabelSocket {
     /// Binds `[::]:port` (non-blocking), with pktinfo, hop limit 1 and no multicast loopback.
+    /// Fails with `AddrInUse` when another daemon (babeld, BIRD, another hypha) holds the port.
     pub fn bind(port: u16) -> io::Result<Self> {
         let fd: OwnedFd = socket(
             AddressFamily::Inet6,
@@ -68,7 +69,8 @@ impl BabelSocket {
         )
         .map_err(errno)?;
         setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(errno)?;
-        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(errno)?;
+        // No SO_REUSEADDR: a second Babel daemon in the same namespace must fail to start, not
+        // silently share the port.
         setsockopt(&fd, sockopt::Ipv6RecvPacketInfo, &true).map_err(errno)?;
         let raw = fd.as_raw_fd();
         let one: libc::c_int = 1;
