@@ -237,7 +237,8 @@ impl Dump {
             c.netlink_errors,
             c.installed_routes
         );
-        for (name, v) in &self.router_counters {
+        // Only the counters that moved; `--json` has them all.
+        for (name, v) in self.router_counters.iter().filter(|(_, v)| *v != 0) {
             let _ = writeln!(s, "counter {name} {v}");
         }
         s
@@ -272,7 +273,7 @@ mod tests {
                 selected: true,
                 feasible: true,
             }],
-            router_counters: vec![("malformed".into(), 2)],
+            router_counters: vec![("malformed".into(), 2), ("quiet".into(), 0)],
             ..Default::default()
         };
         let json = serde_json::to_string(&d).unwrap();
@@ -284,6 +285,7 @@ mod tests {
         ));
         assert!(text.contains("route 2001:db8::/48 id 02:00:00:00:00:00:00:02 seqno 3 refmetric 0 metric 96 via fe80::1 if eth0 selected"));
         assert!(text.contains("counter malformed 2"));
+        assert!(!text.contains("quiet"));
     }
 
     #[test]
