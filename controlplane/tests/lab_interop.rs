@@ -438,6 +438,22 @@ fn hypha_hypha_hypha_line_with_config_file() {
     let l12 = net.link(&nodes[0], &nodes[1], LinkOpts::default()).unwrap();
     let l23 = net.link(&nodes[1], &nodes[2], LinkOpts::default()).unwrap();
     let _p1 = start(&net, &nodes[0], 1, Kind::Hypha, &[l12.a().ifname()], &[]);
+    // n3 also owns a prefix on an ifb device (no dummy module here), redistributed like `lo`'s.
+    for cmd in [
+        &["ip", "link", "add", "hyifb3", "type", "ifb"][..],
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:33::1/128",
+            "dev",
+            "hyifb3",
+        ],
+        &["ip", "link", "set", "hyifb3", "up"],
+    ] {
+        nodes[2].exec_ok(cmd.iter().copied()).unwrap();
+    }
     let _p3 = start(&net, &nodes[2], 3, Kind::Hypha, &[l23.b().ifname()], &[]);
     let conf = file(&net, "hypha2.toml");
     std::fs::write(
@@ -460,6 +476,7 @@ fn hypha_hypha_hypha_line_with_config_file() {
     wait_route(&nodes[0], &v6_of(3), "hypha-hypha-hypha");
     wait_route(&nodes[2], &v6_of(1), "hypha-hypha-hypha");
     wait_ping(&nodes[0], &v6_of(1), &v6_of(3));
+    wait_route(&nodes[0], "2001:db8:33::1", "prefix on an ifb device");
     let d = dump(&nodes[1]);
     let hellos: Vec<u64> = d.interfaces.iter().map(|i| i.hello_interval_ms).collect();
     assert_eq!(hellos, [1000, 500]);
