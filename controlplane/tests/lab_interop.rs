@@ -488,6 +488,8 @@ fn hypha_hypha_hypha_line_with_config_file() {
 fn bird_hypha_bird_line() {
     let l = line("lab_rhr", [Kind::Bird, Kind::Hypha, Kind::Bird]);
     check_line(&l, "bird-hypha-bird");
+    wait_route(&l.nodes[0], &v4_of(3), "bird-hypha-bird ipv4");
+    wait_ping(&l.nodes[0], &v4_of(1), &v4_of(3));
 }
 
 #[test]
