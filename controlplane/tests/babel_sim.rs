@@ -15,7 +15,7 @@ fn iface() -> InterfaceConfig {
     InterfaceConfig::point_to_point().with_intervals(Duration::from_secs(1), Duration::from_secs(4))
 }
 
-const CHECK: Duration = Duration::from_millis(100);
+const CHECK: Duration = Duration::from_millis(20);
 
 fn converge(sim: &mut Sim, what: &str, timeout: Duration) -> Duration {
     match sim.drive_until(timeout, CHECK, Sim::converged) {
@@ -101,19 +101,16 @@ fn ring_of_20_converges_and_reroutes_around_a_cut() {
     assert_eq!(path[1], 19);
     // Heal: back to the short way (hysteresis allows it: 5 hops against 15).
     sim.set_link_up(2, true);
-    converge(
-        &mut sim,
-        "ring of 20 after healing",
-        Duration::from_secs(30),
-    );
     let t = sim.drive_until(Duration::from_secs(60), CHECK, |s| {
-        s.trace(0, 5).is_ok_and(|p| p.len() == 6)
+        s.converged() && s.trace(0, 5).is_ok_and(|p| p.len() == 6)
     });
-    assert!(
-        t.is_some(),
-        "short path not restored: {:?}",
-        sim.trace(0, 5)
-    );
+    match t {
+        Some(t) => println!(
+            "[seed 3] ring of 20 after healing: short path back in {:.2} virtual s",
+            t.as_secs_f64()
+        ),
+        None => panic!("short path not restored: {:?}", sim.trace(0, 5)),
+    }
 }
 
 /// A random connected graph: a random spanning tree plus `extra` random links, delays 1–20 ms.

@@ -5,7 +5,7 @@
 //! simulator ([`crate::sim`]). It owns no socket, reads no clock and draws randomness only from the
 //! seed in its [`RouterConfig`], so a run is reproducible byte for byte.
 //!
-//! The files follow babeld's map and the RFC's words: [`neighbour`](self::neighbour) (§3.2.4,
+//! The files follow babeld's map and the RFC's words: `neighbour` (§3.2.4,
 //! Appendix A: Hello history, rxcost, txcost, RTT), `source` (§3.2.5: feasibility distances),
 //! `route` (§3.2.6, §3.6: the route table and selection), `xroute` (originated prefixes),
 //! `resend` (§3.8.2: seqno requests retried through other neighbours, urgent Updates),
@@ -499,6 +499,16 @@ impl Router {
         }
     }
 
+    /// Asks every neighbour for a route to `prefix` (a multicast Route Request on every
+    /// interface, §3.8.1.1), e.g. before opening a session to a destination not yet in the table.
+    /// Answers arrive as ordinary Updates.
+    pub fn request_route(&mut self, now: Instant, prefix: Prefix) {
+        let ids: Vec<InterfaceId> = self.interfaces.keys().copied().collect();
+        for id in ids {
+            self.send_route_request(now, id, Destination::Multicast, Some(prefix));
+        }
+    }
+
     /// Handles due timers: Hellos, periodic Updates, missed Hellos and IHU expiry, route expiry and
     /// source GC, deferred seqno bumps and resends. Spurious calls do nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -930,13 +940,26 @@ impl Router {
 
     /// Route expiry (§3.5.3): a route not refreshed in 3.5 update intervals is retracted; a
     /// retracted one is removed after the same time again.
+    ///
+    /// A selected route not refreshed for 2.5 of its intervals (one before expiry) is asked for
+    /// with a unicast Route Request to its neighbour, as babeld does, so that a lost periodic Update
+    /// does not cost the route.
     fn expire_routes(&mut self, now: Instant) {
         let mut touched = Vec::new();
+        let mut refresh = Vec::new();
         for (p, e) in self.routes.prefixes.iter_mut() {
             let mut changed = false;
             let before = e.routes.len();
             e.routes.retain_mut(|r| {
                 if r.expires > now {
+                    if r.selected
+                        && !r.refresh_requested
+                        && r.refmetric < INFINITY
+                        && r.expires - now <= r.interval
+                    {
+                        r.refresh_requested = true;
+                        refresh.push((r.neighbour, *p));
+                    }
                     return true;
                 }
                 changed = true;
@@ -955,6 +978,33 @@ impl Router {
         }
         for p in touched {
             self.reselect(now, p);
+        }
+        for (to, p) in refresh {
+            self.send_route_request(now, to.iface, Destination::Unicast(to.addr), Some(p));
+        }
+    }
+
+    /// Queues a Route Request (§3.8.1.1); `None` asks for everything.
+    fn send_route_request(
+        &mut self,
+        now: Instant,
+        iface: InterfaceId,
+        dst: Destination,
+        prefix: Option<Prefix>,
+    ) {
+        let at = self.flush_time(now, iface, true);
+        let Some(ifc) = self.interfaces.get_mut(&iface) else {
+            return;
+        };
+        let b = match dst {
+            Destination::Multicast => &mut ifc.mcast,
+            Destination::Unicast(a) => ifc.ucast.entry(a).or_default(),
+        };
+        if b.route_requests.len() < interface::MAX_BUFFERED_REQUESTS {
+            b.route_requests.insert(prefix);
+            b.schedule(at);
+        } else {
+            self.counters.output_dropped += 1;
         }
     }
 

@@ -31,6 +31,8 @@ pub(crate) struct Route {
     pub(crate) interval: Duration,
     pub(crate) expires: Instant,
     pub(crate) selected: bool,
+    /// A Route Request for it went to the neighbour because it is about to expire.
+    pub(crate) refresh_requested: bool,
 }
 
 /// What was selected for a prefix, remembered to decide on triggered Updates (§3.7.2).

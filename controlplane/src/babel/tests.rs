@@ -825,3 +825,49 @@ fn memory_per_entry_is_as_documented() {
     assert!(neighbour <= 192, "neighbour {neighbour}");
     assert!(source <= 64, "source {source}");
 }
+
+#[test]
+fn routes_about_to_expire_are_requested_and_route_requests_can_be_sent() {
+    let mut r = router(15, RouteFilter::Any);
+    let i = InterfaceId(0);
+    r.add_interface(T0, i, p2p());
+    bring_up(&mut r, T0, i, addr(1));
+    let p: Prefix = "2001:db8:f::/48".parse().unwrap();
+    // Interval 4 s: expires after 14 s; asked for 4 s before that.
+    r.handle_packet(T0, i, addr(1), &pkt(&[update(p, rid(1), 1, 0, None)]))
+        .unwrap();
+    let asked = |out: &[(Transmit, Vec<Tlv>)]| {
+        out.iter().any(|(t, tlvs)| {
+            t.dst == Destination::Unicast(addr(1))
+                && tlvs.contains(&Tlv::RouteRequest(RouteRequest { prefix: Some(p) }))
+        })
+    };
+    // Keep the neighbour alive meanwhile.
+    let mut now = T0;
+    let mut seq = 3;
+    let mut when = None;
+    while now < T0 + Duration::from_secs(12) {
+        now += ms(500);
+        seq += 1;
+        if seq % 2 == 0 {
+            r.handle_packet(now, i, addr(1), &pkt(&[hello(seq / 2 + 2), ihu(None)]))
+                .unwrap();
+        }
+        r.handle_timeout(now);
+        if asked(&drain(&mut r, now + ms(10))) && when.is_none() {
+            when = Some(now - T0);
+        }
+    }
+    let when = when.expect("a Route Request before expiry");
+    assert!(
+        when >= Duration::from_secs(10) && when <= Duration::from_secs(11),
+        "{when:?}"
+    );
+    assert!(r.selected_route(&p).is_some());
+    // The command: a multicast request on every interface.
+    let q: Prefix = "2001:db8:e::/48".parse().unwrap();
+    r.request_route(now, q);
+    let out = drain(&mut r, now + ms(50));
+    assert!(out.iter().any(|(t, tlvs)| t.dst == Destination::Multicast
+        && tlvs.contains(&Tlv::RouteRequest(RouteRequest { prefix: Some(q) }))));
+}

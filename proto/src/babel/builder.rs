@@ -215,26 +215,8 @@ impl<'b> PacketBuilder<'b> {
     }
 
     fn update(&mut self, u: &Update) -> Result<(), EmitError> {
-        // Router-id in force for this Update.
-        match (u.router_id, self.state.router_id) {
-            (Some(want), have) if have != Some(want) => {
-                if want == RouterId::ZERO || want == RouterId::ONES {
-                    return Err(EmitError::Unrepresentable("forbidden router-id"));
-                }
-                self.router_id(want);
-            }
-            // A retraction's router-id does not matter (§4.6.9), so whatever is in force will do.
-            (None, Some(_)) if u.metric != INFINITY => {
-                return Err(EmitError::Unrepresentable("cannot unset router-id"));
-            }
-            (None, None) if u.metric != INFINITY && u.prefix.is_some() => {
-                return Err(EmitError::Unrepresentable(
-                    "finite Update without router-id",
-                ));
-            }
-            _ => {}
-        }
         let Some(prefix) = u.prefix else {
+            self.sync_router_id(u)?;
             if u.metric != INFINITY {
                 return Err(EmitError::Unrepresentable("wildcard Update must retract"));
             }
@@ -268,7 +250,7 @@ impl<'b> PacketBuilder<'b> {
                 }
             }
             (Some(_), _) => return Err(EmitError::Unrepresentable("next hop of wrong family")),
-            // Nor does a retraction's next hop.
+            // A retraction's next hop does not matter (§4.6.9): whatever is in force will do.
             (None, false) if self.state.nh_v4.is_some() && u.metric != INFINITY => {
                 return Err(EmitError::Unrepresentable("cannot unset next hop"));
             }
@@ -277,6 +259,8 @@ impl<'b> PacketBuilder<'b> {
             }
             (None, _) => {}
         }
+        // Router-id in force for this Update (after the Next Hop, in babeld's order).
+        self.sync_router_id(u)?;
         let ae = if !prefix.is_ipv4() {
             AE_IPV6
         } else if u.v4_via_v6 {
@@ -315,6 +299,29 @@ impl<'b> PacketBuilder<'b> {
                 b.extend_from_slice(&key);
             }
         });
+        Ok(())
+    }
+
+    /// Emits a Router-Id TLV if `u` needs a different router-id from the one in force.
+    fn sync_router_id(&mut self, u: &Update) -> Result<(), EmitError> {
+        match (u.router_id, self.state.router_id) {
+            (Some(want), have) if have != Some(want) => {
+                if want == RouterId::ZERO || want == RouterId::ONES {
+                    return Err(EmitError::Unrepresentable("forbidden router-id"));
+                }
+                self.router_id(want);
+            }
+            // A retraction's router-id does not matter (§4.6.9), so whatever is in force will do.
+            (None, Some(_)) if u.metric != INFINITY => {
+                return Err(EmitError::Unrepresentable("cannot unset router-id"));
+            }
+            (None, None) if u.metric != INFINITY && u.prefix.is_some() => {
+                return Err(EmitError::Unrepresentable(
+                    "finite Update without router-id",
+                ));
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
