@@ -234,8 +234,8 @@ fn dump(node: &Node) -> Dump {
 
 /// A line n1 – n2 – n3 with the given routers; returns the net, nodes, links and processes.
 struct Line {
-    /// Kept alive: dropping it tears the whole network down.
-    _net: TestNet,
+    /// Dropping it tears the whole network down.
+    net: TestNet,
     nodes: Vec<Node>,
     links: Vec<Link>,
     procs: Vec<ProcHandle>,
@@ -280,7 +280,7 @@ fn line_with(
         ));
     }
     Line {
-        _net: net,
+        net,
         nodes,
         links: vec![l12, l23],
         procs,
@@ -334,6 +334,12 @@ fn babeld_hypha_babeld_line() {
         d.neighbours.len() == 2 && d.neighbours.iter().all(|n| n.rtt_ms.is_some())
     })
     .unwrap_or_else(|_| panic!("no RTT to both babeld neighbours: {:?}", d.neighbours));
+    // tshark decodes what hypha sends while timestamps are on (Hello and IHU sub-TLVs).
+    let if_n1 = l.links[0].b().ifname();
+    let capture = Capture::start(&l.net, &l.nodes[1], if_n1);
+    std::thread::sleep(Duration::from_secs(3));
+    let text = capture.decode_ours(&l.net, link_local(&l.nodes[1], if_n1));
+    assert!(text.contains("Timestamp"), "no timestamp sub-TLV decoded");
     // The text form, as `hypha lab dump` prints it.
     let text = l.nodes[1].exec_ok([HYPHA, "lab", "dump"]).unwrap();
     assert!(
