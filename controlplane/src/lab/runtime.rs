@@ -101,6 +101,9 @@ pub struct Lab {
     xroutes: BTreeSet<Prefix>,
     /// What we installed in the kernel, by prefix.
     installed: BTreeMap<Prefix, KernelRoute>,
+    /// Installs the kernel refused (e.g. while an interface was down), retried periodically: the
+    /// router reports a route once, not again until it changes.
+    unapplied: BTreeMap<Prefix, KernelRoute>,
     counters: SocketCounters,
     tx: Vec<u8>,
     rx: Vec<u8>,
@@ -212,6 +215,7 @@ impl Lab {
             redistribute: config.redistribute.clone(),
             xroutes: BTreeSet::new(),
             installed: BTreeMap::new(),
+            unapplied: BTreeMap::new(),
             counters: SocketCounters::default(),
             tx: Vec::with_capacity(2048),
             rx: vec![0u8; RX_BUF],
@@ -299,6 +303,7 @@ impl Lab {
                 if let Err(e) = self.rescan() {
                     tracing::warn!(error = %e, "rescanning local addresses");
                 }
+                self.retry_unapplied();
             }
         };
         self.shutdown();
@@ -401,19 +406,12 @@ impl Lab {
                     next_hop,
                     oif: i.ifindex,
                 };
-                match self.netlink.replace_route(&route) {
-                    Ok(()) => {
-                        tracing::debug!(%kp, %next_hop, iface = %i.settings.name, "installed");
-                        self.installed.insert(kp, route);
-                    }
-                    Err(e) => {
-                        self.counters.netlink_errors += 1;
-                        tracing::warn!(%kp, error = %e, "installing route");
-                    }
-                }
+                tracing::debug!(%kp, %next_hop, iface = %i.settings.name, "install");
+                self.install(route);
             }
             Event::Uninstall { prefix, .. } => {
                 let kp = prefix;
+                self.unapplied.remove(&kp);
                 if self.installed.remove(&kp).is_some() {
                     if let Err(e) = self.netlink.delete_route(&kp) {
                         self.counters.netlink_errors += 1;
@@ -433,6 +431,30 @@ impl Lab {
             _ => {}
         }
         self.counters.installed_routes = self.installed.len() as u64;
+    }
+
+    /// Puts `route` into the kernel, or remembers it for [`Lab::retry_unapplied`].
+    fn install(&mut self, route: KernelRoute) {
+        match self.netlink.replace_route(&route) {
+            Ok(()) => {
+                self.unapplied.remove(&route.prefix);
+                self.installed.insert(route.prefix, route);
+            }
+            Err(e) => {
+                self.counters.netlink_errors += 1;
+                tracing::warn!(prefix = %route.prefix, error = %e, "installing route (will retry)");
+                self.unapplied.insert(route.prefix, route);
+            }
+        }
+        self.counters.installed_routes = self.installed.len() as u64;
+    }
+
+    /// Retries the installs the kernel refused earlier.
+    fn retry_unapplied(&mut self) {
+        let pending: Vec<KernelRoute> = self.unapplied.values().copied().collect();
+        for route in pending {
+            self.install(route);
+        }
     }
 
     /// Originates local prefixes inside the redistribution filters and withdraws vanished ones.
