@@ -504,6 +504,52 @@ fn hypha_bird_bird_line() {
     check_line(&l, "hypha-bird-bird");
 }
 
+/// An interface deleted and re-created under the same name (new index, new link-local address):
+/// hypha drops it, then picks it up again and routes over it.
+#[test]
+fn recreated_interface_is_picked_up_again() {
+    let net = TestNet::new("lab_recr").unwrap();
+    let n1 = net.add_node("n1").unwrap();
+    let n2 = net.add_node("n2").unwrap();
+    prepare(&n1, 1);
+    prepare(&n2, 2);
+    let l = net.link(&n1, &n2, LinkOpts::default()).unwrap();
+    let (a, b) = (l.a().ifname(), l.b().ifname());
+    let h = start(&net, &n1, 1, Kind::Hypha, &[a], &[]);
+    let _b = start(&net, &n2, 2, Kind::Babeld, &[b], &[]);
+    wait_route(&n1, &v6_of(2), "before re-creation");
+    let old_ll = link_local(&n1, a);
+    n1.exec_ok(["ip", "link", "del", a]).unwrap();
+    let mut d = dump(&n1);
+    wait_until(Duration::from_secs(10), POLL, || {
+        d = dump(&n1);
+        !d.interfaces[0].up
+    })
+    .unwrap_or_else(|_| panic!("deleted interface still up: {:?}", d.interfaces));
+    n1.exec_ok([
+        "ip",
+        "link",
+        "add",
+        a,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "netns",
+        l.b().netns(),
+    ])
+    .unwrap();
+    n1.exec_ok(["ip", "link", "set", a, "up"]).unwrap();
+    n2.exec_ok(["ip", "link", "set", b, "up"]).unwrap();
+    wait_route(&n1, &v6_of(2), "after re-creation");
+    wait_ping(&n1, &v6_of(1), &v6_of(2));
+    d = dump(&n1);
+    assert!(d.interfaces[0].up);
+    assert_ne!(d.interfaces[0].link_local, old_ll.to_string());
+    assert!(h.is_running());
+}
+
 /// A square a–b–c–d–a of hypha, babeld, hypha, babeld. Cutting the link a's route to c uses makes
 /// a reroute through the other neighbour within the hold time.
 #[test]

@@ -41,6 +41,8 @@ pub struct InterfaceDump {
     pub ifindex: u32,
     /// The link-local address we send from.
     pub link_local: String,
+    /// Whether the interface is usable (false while it is gone or has no link-local address).
+    pub up: bool,
     /// Hello interval, milliseconds.
     pub hello_interval_ms: u64,
     /// Update interval, milliseconds.
@@ -180,9 +182,10 @@ impl Dump {
         for i in &self.interfaces {
             let _ = writeln!(
                 s,
-                "interface {} ifindex {} ll {} hello {}ms update {}ms{}",
+                "interface {} ifindex {} {} ll {} hello {}ms update {}ms{}",
                 i.name,
                 i.ifindex,
+                if i.up { "up" } else { "down" },
                 i.link_local,
                 i.hello_interval_ms,
                 i.update_interval_ms,

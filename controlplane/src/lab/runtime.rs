@@ -27,7 +27,7 @@ use crate::babel::{
 use super::config::{InterfaceSettings, LabConfig};
 use super::dump::{Dump, InterfaceDump, NeighbourDump, RouteDump, SocketCounters, SourceDump};
 use super::mac::{MacState, Verdict};
-use super::netlink::{KernelRoute, Netlink, NetlinkError};
+use super::netlink::{InterfaceAddress, KernelRoute, Netlink, NetlinkError};
 use super::redistribute::redistributable;
 use super::socket::{BabelSocket, BABEL_GROUP, BABEL_PORT};
 
@@ -87,6 +87,78 @@ struct Iface {
     id: InterfaceId,
     link_local: Ipv6Addr,
     mac: Option<MacState>,
+    /// Known to the router and joined to the group. False while the interface is gone (deleted,
+    /// or without a link-local address); [`Lab::refresh_interfaces`] brings it back.
+    present: bool,
+}
+
+impl Iface {
+    /// Joins the group on `self.ifindex` and adds the interface to the router, with a fresh MAC
+    /// state.
+    fn bring_up(
+        &mut self,
+        now: hypha_proto::time::Instant,
+        router: &mut Router,
+        socket: &BabelSocket,
+        addresses: &[InterfaceAddress],
+    ) -> Result<(), LabError> {
+        let s = &self.settings;
+        socket
+            .join(self.ifindex)
+            .map_err(io_err("joining ff02::1:6"))?;
+        // Our addresses on the link: IHUs to them are ours, and an IPv4 one is announced as the
+        // next hop of IPv4 routes (RFC 9229 v4-via-v6 otherwise).
+        let ll = IpAddr::V6(self.link_local);
+        let mut local: Vec<IpAddr> = vec![ll];
+        local.extend(
+            addresses
+                .iter()
+                .filter(|a| a.ifindex == self.ifindex && !a.tentative && a.addr != ll)
+                .map(|a| a.addr),
+        );
+        let mut ic =
+            InterfaceConfig::broadcast(local).with_intervals(s.hello_interval, s.update_interval);
+        // Leave room for RFC 8967's PC TLV (2 + 4 + 8) and one 34-byte MAC TLV per key.
+        if !s.mac_keys.is_empty() {
+            ic.max_packet_size = ic
+                .max_packet_size
+                .saturating_sub(14 + 34 * s.mac_keys.len());
+        }
+        self.mac = if s.mac_keys.is_empty() {
+            None
+        } else {
+            // Not from `seed`: RFC 8967 §4.2 needs a fresh Index at every start, or neighbours
+            // that remember our last (Index, PC) would take the restarted counter for a replay.
+            // `--seed` fixes jitter, never this.
+            Some(
+                MacState::new(&s.mac_keys, rand::random()).map_err(|source| LabError::Mac {
+                    iface: s.name.clone(),
+                    source,
+                })?,
+            )
+        };
+        self.id = InterfaceId(self.ifindex);
+        router.add_interface(now, self.id, ic);
+        self.present = true;
+        tracing::info!(iface = %s.name, ifindex = self.ifindex, link_local = %self.link_local,
+            mac = self.mac.is_some(), "interface up");
+        Ok(())
+    }
+
+    /// Removes the interface from the router (its routes are uninstalled) and leaves the group.
+    fn take_down(
+        &mut self,
+        now: hypha_proto::time::Instant,
+        router: &mut Router,
+        socket: &BabelSocket,
+    ) {
+        router.remove_interface(now, self.id);
+        // The group is gone already if the device is.
+        let _ = socket.leave(self.ifindex);
+        self.present = false;
+        self.mac = None;
+        tracing::info!(iface = %self.settings.name, "interface down");
+    }
 }
 
 /// The running lab router and its adapters.
@@ -162,49 +234,16 @@ impl Lab {
 
         let mut ifaces = Vec::new();
         for (s, ifindex, link_local) in found {
-            socket.join(ifindex).map_err(io_err("joining ff02::1:6"))?;
-            let id = InterfaceId(ifindex);
-            // Our addresses on the link: IHUs to them are ours, and an IPv4 one is announced as
-            // the next hop of IPv4 routes (RFC 9229 v4-via-v6 otherwise).
-            let mut local: Vec<IpAddr> = vec![IpAddr::V6(link_local)];
-            local.extend(
-                addresses
-                    .iter()
-                    .filter(|a| {
-                        a.ifindex == ifindex && !a.tentative && a.addr != IpAddr::V6(link_local)
-                    })
-                    .map(|a| a.addr),
-            );
-            let mut ic = InterfaceConfig::broadcast(local)
-                .with_intervals(s.hello_interval, s.update_interval);
-            // Leave room for RFC 8967's PC TLV (2 + 4 + 8) and one 34-byte MAC TLV per key.
-            if !s.mac_keys.is_empty() {
-                ic.max_packet_size = ic
-                    .max_packet_size
-                    .saturating_sub(14 + 34 * s.mac_keys.len());
-            }
-            router.add_interface(now, id, ic);
-            let mac = if s.mac_keys.is_empty() {
-                None
-            } else {
-                Some(
-                    // Not from `seed`: RFC 8967 §4.2 needs a fresh Index at every start, or
-                    // neighbours that remember our last (Index, PC) would take the restarted
-                    // counter for a replay. `--seed` fixes jitter, never this.
-                    MacState::new(&s.mac_keys, rand::random()).map_err(|source| LabError::Mac {
-                        iface: s.name.clone(),
-                        source,
-                    })?,
-                )
-            };
-            tracing::info!(iface = %s.name, ifindex, %link_local, mac = mac.is_some(), "interface up");
-            ifaces.push(Iface {
+            let mut iface = Iface {
                 settings: s.clone(),
                 ifindex,
-                id,
+                id: InterfaceId(ifindex),
                 link_local,
-                mac,
-            });
+                mac: None,
+                present: false,
+            };
+            iface.bring_up(now, &mut router, &socket, &addresses)?;
+            ifaces.push(iface);
         }
         let mut lab = Lab {
             clock,
@@ -300,6 +339,9 @@ impl Lab {
             self.router.handle_timeout(now);
             if now >= next_rescan {
                 next_rescan = now + RESCAN_INTERVAL;
+                if let Err(e) = self.refresh_interfaces() {
+                    tracing::warn!(error = %e, "checking interfaces");
+                }
                 if let Err(e) = self.rescan() {
                     tracing::warn!(error = %e, "rescanning local addresses");
                 }
@@ -337,7 +379,11 @@ impl Lab {
                 self.counters.not_link_local += 1;
                 continue;
             }
-            let Some(iface) = self.ifaces.iter_mut().find(|i| i.ifindex == r.ifindex) else {
+            let Some(iface) = self
+                .ifaces
+                .iter_mut()
+                .find(|i| i.present && i.ifindex == r.ifindex)
+            else {
                 self.counters.foreign_interface += 1;
                 continue;
             };
@@ -368,7 +414,11 @@ impl Lab {
     fn flush(&mut self) {
         let now = self.clock.now();
         while let Some(t) = self.router.poll_transmit(now, &mut self.tx) {
-            let Some(iface) = self.ifaces.iter_mut().find(|i| i.id == t.iface) else {
+            let Some(iface) = self
+                .ifaces
+                .iter_mut()
+                .find(|i| i.present && i.id == t.iface)
+            else {
                 continue;
             };
             let dst = match t.dst {
@@ -457,6 +507,40 @@ impl Lab {
         }
     }
 
+    /// Follows interfaces that were deleted and re-created, or lost or changed their link-local
+    /// address: such an interface leaves the router (its routes go away) and rejoins once it is
+    /// usable again, under its new index and address.
+    fn refresh_interfaces(&mut self) -> Result<(), LabError> {
+        let now = self.clock.now();
+        let addresses = self.netlink.addresses()?;
+        for iface in &mut self.ifaces {
+            let ifindex = nix::net::if_::if_nametoindex(iface.settings.name.as_str()).ok();
+            let ll = ifindex.and_then(|ix| {
+                addresses.iter().find_map(|a| match a.addr {
+                    IpAddr::V6(v6)
+                        if a.ifindex == ix && !a.tentative && v6.is_unicast_link_local() =>
+                    {
+                        Some(v6)
+                    }
+                    _ => None,
+                })
+            });
+            let same = ifindex == Some(iface.ifindex) && ll == Some(iface.link_local);
+            if iface.present && !same {
+                iface.take_down(now, &mut self.router, &self.socket);
+            }
+            if let (false, Some(ix), Some(ll)) = (iface.present, ifindex, ll) {
+                iface.ifindex = ix;
+                iface.link_local = ll;
+                if let Err(e) = iface.bring_up(now, &mut self.router, &self.socket, &addresses) {
+                    tracing::warn!(iface = %iface.settings.name, error = %e, "interface back, but");
+                    iface.present = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Originates local prefixes inside the redistribution filters and withdraws vanished ones.
     fn rescan(&mut self) -> Result<(), LabError> {
         if self.redistribute.is_empty() {
@@ -514,6 +598,7 @@ impl Lab {
                     name: i.settings.name.clone(),
                     ifindex: i.ifindex,
                     link_local: i.link_local.to_string(),
+                    up: i.present,
                     hello_interval_ms: i.settings.hello_interval.as_millis() as u64,
                     update_interval_ms: i.settings.update_interval.as_millis() as u64,
                     mac: i.mac.as_ref().map(|m| m.counters()),
@@ -578,7 +663,7 @@ impl Lab {
         }
         // Anything else of ours (e.g. a route whose uninstall failed earlier).
         let _ = self.netlink.flush_own_routes();
-        for i in &self.ifaces {
+        for i in self.ifaces.iter().filter(|i| i.present) {
             let _ = self.socket.leave(i.ifindex);
         }
         tracing::info!(removed, "kernel routes removed");
