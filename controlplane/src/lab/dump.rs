@@ -2,6 +2,7 @@
 //! localhost TCP port and writes one JSON [`Dump`] to each client that connects; `hypha lab dump`
 //! is that client, printing it as JSON or as babeld-style text.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -26,8 +27,8 @@ pub struct Dump {
     pub sources: Vec<SourceDump>,
     /// Prefixes we originate (redistributed local addresses).
     pub xroutes: Vec<String>,
-    /// Counters of the router core, by name.
-    pub router_counters: Vec<(String, u64)>,
+    /// Counters of the router core, by name (a JSON object).
+    pub router_counters: BTreeMap<String, u64>,
     /// Counters of the socket adapter.
     pub socket: SocketCounters,
 }
@@ -241,7 +242,7 @@ impl Dump {
             c.installed_routes
         );
         // Only the counters that moved; `--json` has them all.
-        for (name, v) in self.router_counters.iter().filter(|(_, v)| *v != 0) {
+        for (name, v) in self.router_counters.iter().filter(|(_, v)| **v != 0) {
             let _ = writeln!(s, "counter {name} {v}");
         }
         s
@@ -276,7 +277,7 @@ mod tests {
                 selected: true,
                 feasible: true,
             }],
-            router_counters: vec![("malformed".into(), 2), ("quiet".into(), 0)],
+            router_counters: [("malformed".to_string(), 2), ("quiet".to_string(), 0)].into(),
             ..Default::default()
         };
         let json = serde_json::to_string(&d).unwrap();

@@ -716,7 +716,7 @@ fn wait_link_local(
 }
 
 /// The core's counters by name, for the dump.
-fn router_counters(c: &crate::babel::Counters) -> Vec<(String, u64)> {
+fn router_counters(c: &crate::babel::Counters) -> BTreeMap<String, u64> {
     [
         ("packets_received", c.packets_received),
         ("packets_invalid", c.packets_invalid),
