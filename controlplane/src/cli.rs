@@ -56,6 +56,9 @@ pub enum Command {
     Routes(hypha_controlplane::client::RoutesArgs),
     /// Show the running node's counters (routing, links, message bus).
     Stats(hypha_controlplane::client::StatsArgs),
+    /// Lab mode: run the Babel core alone as a standard RFC 8966 router on real interfaces
+    /// (interoperable with babeld and BIRD), or `lab dump` a running one. See docs/lab.md.
+    Lab(hypha_controlplane::lab::cli::LabArgs),
 }
 
 /// Arguments of `hypha generate-keys`.
@@ -93,6 +96,9 @@ pub enum CliError {
     /// The node's API could not be reached or refused the request.
     #[error("{0}")]
     Api(String),
+    /// `hypha lab` failed.
+    #[error(transparent)]
+    Lab(#[from] hypha_controlplane::lab::cli::LabCliError),
 }
 
 impl CliError {
@@ -101,6 +107,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::KeyFile(_) | CliError::Output(_) | CliError::Json(_) | CliError::Api(_) => 1,
+            CliError::Lab(e) => e.exit_code(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod e2e;
 pub mod fib;
+pub mod lab;
 pub mod link;
 pub mod runtime;
 pub mod sim;

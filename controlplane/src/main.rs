@@ -57,6 +57,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::GenerateKeys(args) => cli::identity::generate_keys(cli, args),
         Command::Inspect(args) => cli::identity::inspect(cli, args),
         Command::Message(args) => cli::message::run(cli, args),
+        Command::Lab(args) => Ok(hypha_controlplane::lab::cli::run(args, cli.json)?),
         // Dispatched in `main`: they report their own errors and exit codes.
         Command::Run(_) | Command::Peers(_) | Command::Routes(_) | Command::Stats(_) => Ok(()),
     }
