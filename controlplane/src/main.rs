@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Command::Peers(args) => return hypha_controlplane::client::peers(args, cli.json),
         Command::Routes(args) => return hypha_controlplane::client::routes(args, cli.json),
         Command::Stats(args) => return hypha_controlplane::client::stats(args, cli.json),
-        Command::GenerateKeys(_) | Command::Inspect(_) | Command::Message(_) => {}
+        Command::GenerateKeys(_) | Command::Inspect(_) | Command::Message(_) | Command::Lab(_) => {}
     }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
