@@ -434,6 +434,9 @@ mod tests {
             Err(e @ ClientError::Connect { .. }) => {
                 assert!(e.to_string().contains("is `hypha run` running?"))
             }
+            // tiny_http's accept thread may still hold the listener for a moment after the drop:
+            // the kernel then accepts and resets the connection instead of refusing it.
+            Err(ClientError::Io { .. }) => {}
             other => panic!("{other:?}"),
         }
     }
