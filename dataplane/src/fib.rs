@@ -504,7 +504,7 @@ impl FibUpdater {
     /// Apply a batch of updates (in order) and publish the result.
     pub fn apply(&mut self, batch: &[RouteUpdate]) {
         // Replaying costs ~100 ns per update, copying ~5 ns (100k routes) to ~25 ns (1M, page
-        // faults included) per route (bench/fib-aead-results.md): replay only small batches.
+        // faults included) per route (bench/RESULTS.md, "FIB updates"): replay only small batches.
         let replay_cheaper =
             self.prev_batch.len().saturating_mul(REPLAY_RATIO) <= self.handle.current.load().len();
         let spare = self.spare.take().filter(|_| replay_cheaper);

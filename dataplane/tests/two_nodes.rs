@@ -461,7 +461,7 @@ fn three_nodes_in_a_line_with_a_transit_node() {
     eprintln!("three-node test took {:?}", t0.elapsed());
 }
 
-/// Not a test: the measurement behind bench/dataplane-results.md. Run it alone, in release:
+/// Not a test: the measurement behind bench/RESULTS.md, "hypha-dp throughput and latency". Run it alone, in release:
 /// `cargo test --release -p hypha-dataplane --test two_nodes -- --ignored --nocapture measure`.
 /// It prints iperf3 TCP (1 and 4 streams, median of 3 runs of 5 s) and ping RTT through hypha-dp
 /// next to the same over the bare veth; it asserts nothing about the numbers.

@@ -688,7 +688,7 @@ fn reroute_updates_the_transit_map_generic_mode() {
 
 /// Not a test but a measurement (run with `cargo test --release -p hypha-dataplane --test xdp
 /// -- --ignored --nocapture measure`): iperf3 TCP a→c through b, b's XDP off and on (driver),
-/// alternating in one run; prints the medians and their ratio (bench/xdp-results.md). Asserts
+/// alternating in one run; prints the medians and their ratio (bench/RESULTS.md, "XDP fast path"). Asserts
 /// only that traffic flowed.
 #[test]
 #[ignore]
