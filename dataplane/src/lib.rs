@@ -2,16 +2,30 @@
 //!
 //! The packet-moving half of Hypha (see DESIGN.md, "Dataplane").
 //!
-//! The modules here are the dataplane's pure parts, usable without any I/O: the FIB ([`fib`]), the
-//! replay window ([`replay`]), the E2E session crypto and session table ([`session`]) and the packet
-//! buffer pool ([`pool`]), the TUN device ([`tun`], the one module with `unsafe`: its ioctls) and the segmentation of its
-//! offloaded super-packets ([`vnet`]).
+//! Pure parts, usable without any I/O: the FIB ([`fib`]), the replay window ([`replay`]), the E2E
+//! session crypto and session table ([`session`]), the packet buffer pool ([`pool`]), ICMPv6
+//! errors ([`icmp`]), counters ([`counters`]), the forwarding decisions ([`forward`]) and the
+//! segmentation of the TUN's offloaded super-packets ([`vnet`], [`gso`]).
+//! I/O: the TUN device ([`tun`]), the UDP sockets ([`udp`]), the io_uring wrapper ([`ring`]) and
+//! the workers that drive them ([`worker`]), and the control thread that applies the control
+//! plane's shm records or a static configuration ([`control`], [`config`]). `unsafe` is allowed
+//! only in the modules that make system calls (tun, udp, ring).
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod config;
+pub mod control;
+pub mod counters;
 pub mod fib;
+pub mod forward;
+pub mod gso;
+pub mod icmp;
 pub mod pool;
 pub mod replay;
+pub mod ring;
 pub mod session;
+pub mod state;
 pub mod tun;
+pub mod udp;
 pub mod vnet;
+pub mod worker;

@@ -213,6 +213,19 @@ impl Tun {
         self.offloads
     }
 
+    /// Asks for exactly `offloads` (e.g. [`Offloads::NONE`] for a reader that does not segment
+    /// super-packets itself); returns whether the kernel accepted.
+    pub fn set_offloads(&mut self, offloads: Offloads) -> bool {
+        let ok = self
+            .queues
+            .first()
+            .is_some_and(|q| set_offload(q, offloads));
+        if ok {
+            self.offloads = offloads;
+        }
+        ok
+    }
+
     /// Sets the MTU and brings the interface up.
     pub fn set_mtu_up(&self, mtu: u32) -> Result<(), TunError> {
         ip(&[
