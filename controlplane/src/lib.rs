@@ -8,6 +8,7 @@ pub mod babel;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod e2e;
 pub mod fib;
 pub mod link;
 pub mod runtime;
