@@ -142,7 +142,7 @@ impl StaticConfig {
                     prefix(&r.prefix)?,
                     NextHop {
                         peer: r.peer,
-                        metric: r.metric,
+                        metric: r.metric.into(),
                     },
                 ))
             })
@@ -162,6 +162,8 @@ impl StaticConfig {
                     send_key: key(&s.tx_key, "tx_key")?,
                     recv_key: key(&s.rx_key, "rx_key")?,
                     initiator: false,
+                    send_counter: 0,
+                    replay_base: 0,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;

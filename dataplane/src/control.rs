@@ -167,7 +167,7 @@ impl Control {
                         continue;
                     };
                     let peer = self.dense_peer(e.next_hop());
-                    let metric = u16::try_from(e.metric()).unwrap_or(u16::MAX);
+                    let metric = e.metric();
                     self.batch
                         .push(RouteUpdate::Add(prefix, NextHop { peer, metric }));
                     if let Some(s) = &mut self.staging {
@@ -264,6 +264,8 @@ impl Control {
             send_key: tx.key,
             recv_key: rx.key,
             initiator: false,
+            send_counter: tx.counter,
+            replay_base: rx.counter,
         };
         match Session::new(&params, self.shared.clock.now()) {
             Ok(s) => {
