@@ -54,6 +54,22 @@ struct Staging {
     sessions: HashSet<u32>,
 }
 
+/// The counters and table sizes of a running dataplane, as the stats endpoint and the hand-over
+/// socket serve them (`hypha stats --json` shows this under `dataplane`).
+pub fn stats_json(shared: &Shared) -> serde_json::Value {
+    let c = &shared.counters;
+    let workers: Vec<_> = (0..c.rows()).map(|i| c.row_snapshot(i).to_json()).collect();
+    serde_json::json!({
+        "address": shared.addr.to_string(),
+        "pid": std::process::id(),
+        "counters": c.snapshot().to_json(),
+        "per_thread": workers,
+        "routes": shared.fib.load().len(),
+        "sessions": shared.sessions.load().len(),
+        "peers": shared.peers.load().iter().count(),
+    })
+}
+
 /// The control thread's state.
 pub struct Control {
     shared: Arc<Shared>,
@@ -442,16 +458,7 @@ impl Control {
 
     /// The JSON document the stats endpoint serves.
     pub fn stats_json(&self) -> serde_json::Value {
-        let c = &self.shared.counters;
-        let workers: Vec<_> = (0..c.rows()).map(|i| c.row_snapshot(i).to_json()).collect();
-        serde_json::json!({
-            "address": self.shared.addr.to_string(),
-            "counters": c.snapshot().to_json(),
-            "per_thread": workers,
-            "routes": self.shared.fib.load().len(),
-            "sessions": self.shared.sessions.load().len(),
-            "peers": self.shared.peers.load().iter().count(),
-        })
+        stats_json(&self.shared)
     }
 
     fn answer_stats(&mut self) {

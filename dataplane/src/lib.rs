@@ -8,7 +8,8 @@
 //! segmentation of the TUN's offloaded super-packets ([`vnet`], [`gso`]).
 //! I/O: the TUN device ([`tun`]), the UDP sockets ([`udp`]), the io_uring wrapper ([`ring`]) and
 //! the workers that drive them ([`worker`]), and the control thread that applies the control
-//! plane's shm records or a static configuration ([`control`], [`config`]). `unsafe` is allowed
+//! plane's shm records or a static configuration ([`control`], [`config`]), and the socket
+//! that hands the region to a restarted control plane ([`handoff`]). `unsafe` is allowed
 //! only in the modules that make system calls (tun, udp, ring).
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod counters;
 pub mod fib;
 pub mod forward;
 pub mod gso;
+pub mod handoff;
 pub mod icmp;
 pub mod pool;
 pub mod replay;
