@@ -142,15 +142,7 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
     let start_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let seed: u64 = rand::random();
-    let node = Node::new(
-        identity.clone(),
-        &NodeConfig::from_run(config, seed),
-        FibTable::new(),
-        clock.now(),
-    );
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
-    snapshot.store(Arc::new(node.snapshot(start_unix)));
     let api = ApiServer::start(config.api_addr, Arc::clone(&snapshot))?;
 
     tracing::info!(
@@ -164,17 +156,32 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
         dataplane = !config.no_dataplane,
         "hypha node running"
     );
+    let seed: u64 = rand::random();
+    let node_config = NodeConfig::from_run(config, seed);
+    let new_node = |cfg: &NodeConfig| {
+        let node = Node::new(identity.clone(), cfg, FibTable::new(), clock.now());
+        snapshot.store(Arc::new(node.snapshot(start_unix)));
+        node
+    };
     let signo = if config.no_dataplane {
         let underlay = SocketUnderlay::bind(config.port).map_err(|source| DaemonError::Bind {
             port: config.port,
             source,
         })?;
-        EventLoop::new(node, underlay, signals, clock, snapshot, start_unix)
+        let node = new_node(&node_config);
+        EventLoop::new(node, underlay, signals, clock, snapshot.clone(), start_unix)
             .run()
             .map_err(DaemonError::Loop)?
     } else {
         let underlay = ShmUnderlay::start(dataplane_options(config, identity.addr), clock)?;
-        EventLoop::new(node, underlay, signals, clock, snapshot, start_unix)
+        let mut cfg = node_config.clone();
+        for n in underlay.inherited_neighbours() {
+            if !cfg.peers.contains(n) {
+                cfg.peers.push(*n);
+            }
+        }
+        let node = new_node(&cfg);
+        EventLoop::new(node, underlay, signals, clock, snapshot.clone(), start_unix)
             .run()
             .map_err(DaemonError::Loop)?
     };

@@ -142,6 +142,8 @@ pub struct ShmUnderlay {
     restart_at: Option<Instant>,
     backoff: Duration,
     counters: SupervisorCounters,
+    /// Neighbours our predecessor had, read when we attached to its dataplane.
+    inherited: Vec<SocketAddr>,
     dp_stats: Arc<Mutex<Option<serde_json::Value>>>,
     stop_poller: Arc<AtomicBool>,
 }
@@ -162,6 +164,11 @@ pub fn peer_id(endpoint: SocketAddr) -> PeerId {
     let mut h = std::hash::DefaultHasher::new();
     endpoint.hash(&mut h);
     PeerId(h.finish().max(1))
+}
+
+/// Where the neighbour list for a successor control plane is kept.
+fn neighbours_path(dir: &Path) -> PathBuf {
+    dir.join("neighbours")
 }
 
 fn shm_cipher(c: e2e::Cipher) -> Cipher {
@@ -211,6 +218,7 @@ impl ShmUnderlay {
             restart_at: None,
             backoff: MIN_BACKOFF,
             counters: SupervisorCounters::default(),
+            inherited: Vec::new(),
             dp_stats: Arc::new(Mutex::new(None)),
             stop_poller: Arc::new(AtomicBool::new(false)),
         };
@@ -224,6 +232,11 @@ impl ShmUnderlay {
                     "attached to the running dataplane; resyncing (it keeps forwarding meanwhile)"
                 );
                 me.counters.attached += 1;
+                me.inherited = std::fs::read_to_string(neighbours_path(&me.opts.runtime_dir))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect();
                 me.dp = Some(Attached {
                     _region: region,
                     down,
@@ -287,6 +300,21 @@ impl ShmUnderlay {
             cmd.arg("--xdp");
         }
         region.share_with(&mut cmd);
+        // SAFETY: runs in the forked child before exec and only calls sigprocmask, which is
+        // async-signal-safe. Our SIGINT/SIGTERM are blocked (they arrive through a signalfd) and
+        // a blocked mask is inherited: the dataplane must get its stop signals.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                if libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         // Its own process group: a signal to ours (a terminal's ^C, a supervisor's group kill) must
         // not take the dataplane down with a dying control plane. We stop it on a clean shutdown.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -395,6 +423,23 @@ impl ShmUnderlay {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
+    /// The neighbours of the control plane that ran this dataplane before us (empty unless we
+    /// attached to a running one). Dial them at once: their links to our predecessor die after
+    /// their dead interval, and routes through us with them.
+    pub fn inherited_neighbours(&self) -> &[SocketAddr] {
+        &self.inherited
+    }
+
+    /// Writes the neighbours whose link is up to the runtime directory, for a successor.
+    fn save_neighbours(&self) {
+        let text: String = self.keys.keys().map(|e| format!("{e}\n")).collect();
+        let path = neighbours_path(&self.opts.runtime_dir);
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::debug!("cannot save the neighbour list: {e}");
+        }
+    }
+
     /// The pid of the running dataplane.
     pub fn dataplane_pid(&self) -> Option<u32> {
         self.dp.as_ref().map(|d| d.pid)
@@ -480,11 +525,13 @@ impl Underlay for ShmUnderlay {
                 self.keys.insert(endpoint, key);
                 self.contacted.insert(endpoint);
                 self.push_peer_up(endpoint, key);
+                self.save_neighbours();
             }
             DataplaneCommand::PeerDown { endpoint } => {
                 self.keys.remove(&endpoint);
                 self.contacted.remove(&endpoint);
                 self.push(&Record::PeerDown(peer_id(endpoint)));
+                self.save_neighbours();
             }
             DataplaneCommand::RouteAdd {
                 prefix,
