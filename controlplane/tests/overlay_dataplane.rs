@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hypha_controlplane::api::{AdminInfo, Stats};
+use hypha_controlplane::api::{AdminInfo, RouteInfo, Stats};
 use hypha_testnet::{wait_until, LinkOpts, Node, ProcHandle, Signal, TestNet};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hypha");
@@ -452,6 +452,9 @@ fn pings_resume_over_a_second_path() {
     for n in ["a", "b", "c", "d"] {
         o.start(n);
     }
+    let dc = ("d".to_string(), "c".to_string());
+    // First only a–b–c, so that the route a→c goes through b; then the second path comes up.
+    o.links[&dc].set_up(false).expect("d–c down");
     for n in ["a", "b", "c", "d"] {
         o.learn_addr(n);
     }
@@ -460,6 +463,28 @@ fn pings_resume_over_a_second_path() {
         "no ping a→c: {}",
         o.log("a")
     );
+    o.links[&dc].set_up(true).expect("d–c up");
+    let s = o.addrs["c"].segments();
+    let c_subnet = format!("{}/64", Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0));
+    let route_via = |o: &Overlay, table: &str, hop: &str| {
+        let ip = o.links[&("a".to_string(), hop.to_string())].b().ipv4();
+        o.get::<Vec<RouteInfo>>("a", &format!("/api/v1/admin/routes/{table}"))
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r.subnet == c_subnet && r.next_hop.contains(&ip.to_string()))
+    };
+    let via = |o: &Overlay, hop: &str| route_via(o, "selected", hop);
+    // d learns c's route over the new link and offers a feasible alternative to a.
+    wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        route_via(&o, "fallback", "d")
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "a never learns the second path: {:?}",
+            o.get::<Vec<RouteInfo>>("a", "/api/v1/admin/routes/fallback")
+        )
+    });
+    assert!(via(&o, "b"), "a's route to c is not via b before the cut");
     // A steady ping run; cut b–c in the middle of it.
     let node = o.node("a").clone();
     let (src, dst) = (o.addrs["a"].to_string(), o.addrs["c"].to_string());
@@ -473,8 +498,8 @@ fn pings_resume_over_a_second_path() {
     o.links[&("b".to_string(), "c".to_string())]
         .set_up(false)
         .expect("cut b–c");
-    o.links[&("b".to_string(), "c".to_string())].set_up(false).ok();
     let out = pinger.join().expect("pinger");
+    assert!(via(&o, "d"), "a's route to c is not via d after the cut");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     // Sequence numbers answered; the longest run of missing ones is the outage.
     let mut got: Vec<u32> = text
