@@ -45,12 +45,15 @@ pub enum Command {
     /// Print a public key and the overlay address derived from it (by default the node's own, from
     /// the key file, which is created if missing).
     Inspect(InspectArgs),
-    /// Run the node (for now routing only: requires --no-dataplane).
-    Run(hypha_controlplane::config::RunArgs),
+    /// Run the node: the control plane, which starts and supervises the dataplane (hypha-dp);
+    /// with --no-dataplane routing only.
+    Run(Box<hypha_controlplane::config::RunArgs>),
     /// Show the running node's peers (`list`, the default).
     Peers(hypha_controlplane::client::PeersArgs),
     /// Show the running node's routes (`selected`, the default, or `fallback`).
     Routes(hypha_controlplane::client::RoutesArgs),
+    /// Show the running node's counters (control plane and dataplane, per subsystem and reason).
+    Stats(hypha_controlplane::client::StatsArgs),
 }
 
 /// Arguments of `hypha generate-keys`.

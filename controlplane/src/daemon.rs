@@ -16,10 +16,10 @@ use hypha_proto::time::Clock;
 use crate::api::{ApiServer, Snapshot};
 use crate::config::{RunArgs, RunConfig};
 use crate::fib::FibTable;
+use crate::runtime::dataplane::{DataplaneOptions, ShmUnderlay};
 use crate::runtime::event_loop::EventLoop;
 use crate::runtime::node::{Identity, Node, NodeConfig};
 use crate::runtime::signals::Signals;
-use crate::runtime::dataplane::{DataplaneOptions, ShmUnderlay};
 use crate::runtime::underlay::SocketUnderlay;
 
 /// Where `hypha-dp` is: `--dataplane-bin`, else next to this executable.

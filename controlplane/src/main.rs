@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     init_logging();
     match &cli.command {
         Command::Run(args) => {
-            let mut args = args.clone();
+            let mut args = (**args).clone();
             // `-k` is global with a default; only a key file given on the command line overrides
             // the config file's.
             if matches.value_source("key_file") == Some(ValueSource::CommandLine) {
@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         }
         Command::Peers(args) => return hypha_controlplane::client::peers(args, cli.json),
         Command::Routes(args) => return hypha_controlplane::client::routes(args, cli.json),
+        Command::Stats(args) => return hypha_controlplane::client::stats(args, cli.json),
         Command::GenerateKeys(_) | Command::Inspect(_) => {}
     }
     match run(&cli) {
@@ -56,7 +57,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::GenerateKeys(args) => cli::identity::generate_keys(cli, args),
         Command::Inspect(args) => cli::identity::inspect(cli, args),
         // Dispatched in `main`: they report their own errors and exit codes.
-        Command::Run(_) | Command::Peers(_) | Command::Routes(_) => Ok(()),
+        Command::Run(_) | Command::Peers(_) | Command::Routes(_) | Command::Stats(_) => Ok(()),
     }
 }
 

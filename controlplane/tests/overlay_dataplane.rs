@@ -149,7 +149,17 @@ impl Overlay {
         let out = self
             .node(from)
             .exec([
-                "ping", "-6", "-c", &count.to_string(), "-i", "0.2", "-W", "1", "-I", &src, &dst,
+                "ping",
+                "-6",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                &src,
+                &dst,
             ])
             .expect("run ping");
         out.status.success()
@@ -331,14 +341,18 @@ fn line_forwarding_replay_and_restarts() {
     let c_addr = o.addrs["c"];
     let cap = {
         let node = o.node("c").clone();
-        std::thread::spawn(move || capture_data_packets(&node, PORT, c_addr, Duration::from_secs(2)))
+        std::thread::spawn(move || {
+            capture_data_packets(&node, PORT, c_addr, Duration::from_secs(2))
+        })
     };
     std::thread::sleep(Duration::from_millis(200));
     assert!(o.ping("a", "c", 3));
     let captured = cap.join().expect("capture thread");
     assert!(!captured.is_empty(), "no data packet to c captured");
     std::thread::sleep(Duration::from_secs(2));
-    let replay0 = o.dp_counter("c", "dropped_replay").expect("c's dataplane counters");
+    let replay0 = o
+        .dp_counter("c", "dropped_replay")
+        .expect("c's dataplane counters");
     let auth0 = o.dp_counter("c", "dropped_auth").expect("dropped_auth");
     let tun0 = o.dp_counter("c", "tun_tx_packets").expect("tun_tx_packets");
     let c_ip = o.links[&("b".to_string(), "c".to_string())].b().ipv4();
@@ -407,7 +421,10 @@ fn line_forwarding_replay_and_restarts() {
     eprintln!(
         "iperf3 a→c with b's control plane killed at 1 s: {:.1} Mbit/s, intervals {:?}",
         bps / 1e6,
-        intervals.iter().map(|b| (b / 1e6) as u64).collect::<Vec<_>>()
+        intervals
+            .iter()
+            .map(|b| (b / 1e6) as u64)
+            .collect::<Vec<_>>()
     );
     assert!(intervals.len() >= 5, "{v}");
     assert!(

@@ -352,6 +352,8 @@ mod tests {
                 send_key: send,
                 recv_key: recv,
                 initiator: false,
+                send_counter: 0,
+                replay_base: 0,
             };
             sessions.insert(Arc::new(Session::new(&params, now).unwrap()), true);
             let fib = Fib::from_routes(

@@ -416,7 +416,11 @@ impl ShmUnderlay {
             if now.saturating_duration_since(dp.started) >= STABLE_RUN {
                 self.backoff = MIN_BACKOFF;
             }
-            tracing::warn!(pid = dp.pid, "dataplane {why}; restarting in {:?}", self.backoff);
+            tracing::warn!(
+                pid = dp.pid,
+                "dataplane {why}; restarting in {:?}",
+                self.backoff
+            );
             drop(dp);
         }
         self.restart_at = Some(now + self.backoff);

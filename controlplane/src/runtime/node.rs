@@ -389,7 +389,8 @@ impl<F: FibSink> Node<F> {
         if let Some(body) = packet.get_mut(HEADER_LEN + 1..) {
             body.copy_from_slice(frame);
         }
-        self.dp.push_back(DataplaneCommand::SendOverlay { dst, packet });
+        self.dp
+            .push_back(DataplaneCommand::SendOverlay { dst, packet });
         true
     }
 
@@ -621,7 +622,8 @@ impl<F: FibSink> Node<F> {
             }
             e2e::Event::Remove { local_index } => {
                 if let Some(peer) = self.session_peers.remove(&local_index) {
-                    self.dp.push_back(DataplaneCommand::SessionRemove { peer, local_index });
+                    self.dp
+                        .push_back(DataplaneCommand::SessionRemove { peer, local_index });
                 }
                 self.changed = true;
             }

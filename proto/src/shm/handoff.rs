@@ -80,8 +80,13 @@ pub fn send_region(stream: &UnixStream, fds: FdNumbers, pid: u32) -> Result<(), 
     if !cmsg.push(SendAncillaryMessage::ScmRights(&borrowed)) {
         return Err(HandoffError::Malformed("ancillary buffer too small"));
     }
-    sendmsg(stream, &[IoSlice::new(&reply)], &mut cmsg, SendFlags::NOSIGNAL)
-        .map_err(std::io::Error::from)?;
+    sendmsg(
+        stream,
+        &[IoSlice::new(&reply)],
+        &mut cmsg,
+        SendFlags::NOSIGNAL,
+    )
+    .map_err(std::io::Error::from)?;
     Ok(())
 }
 
