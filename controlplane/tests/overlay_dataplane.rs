@@ -541,3 +541,111 @@ fn pings_resume_over_a_second_path() {
     assert!(longest <= 50, "outage over 5 s: {longest} pings\n{text}");
     eprintln!("test took {:?}", t0.elapsed());
 }
+
+/// Median RTT in ms of `count` pings from `from` to `dst` (`src`: bind address).
+fn ping_rtt(node: &Node, src: &str, dst: &str, count: u32) -> Option<f64> {
+    let out = node
+        .exec([
+            "ping",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "-I",
+            src,
+            dst,
+        ])
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    rtts.get(rtts.len() / 2).copied()
+}
+
+fn iperf_to(node: &Node, server: &Node, dst: &str, secs: u32, streams: u32) -> f64 {
+    let s = server
+        .spawn_args("iperf3-bench-s", ["iperf3", "-s", "-1"])
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = node
+        .exec([
+            "timeout",
+            &(secs + 15).to_string(),
+            "iperf3",
+            "-c",
+            dst,
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ])
+        .expect("iperf3");
+    let _ = s.stop();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .map(|v| bits_per_second(&v))
+        .unwrap_or(0.0)
+}
+
+/// The system benchmark of bench/integrated-results.md: a–b–c through Hypha next to the same
+/// three namespaces routed by the kernel over the bare veths. Run with
+/// `cargo test --release -p hypha-controlplane --test overlay_dataplane -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run by hand in release mode"]
+fn bench_line_through_hypha_vs_bare_veth() {
+    let mut o = Overlay::new("ovbench", &["a", "b", "c"]);
+    o.link("a", "b");
+    o.link("b", "c");
+    for n in ["a", "b", "c"] {
+        o.start(n);
+    }
+    for n in ["a", "b", "c"] {
+        o.learn_addr(n);
+    }
+    assert!(wait_ping(&o, "a", "c", Duration::from_secs(10)).is_some());
+    // The bare path: kernel routing over the same veths, b forwarding.
+    let ab = &o.links[&("a".to_string(), "b".to_string())];
+    let bc = &o.links[&("b".to_string(), "c".to_string())];
+    let (a_ip, b_on_ab, b_on_bc, c_ip) = (
+        ab.a().ipv4().to_string(),
+        ab.b().ipv4().to_string(),
+        bc.a().ipv4().to_string(),
+        bc.b().ipv4().to_string(),
+    );
+    o.node("b").enable_forwarding().expect("forwarding on b");
+    o.node("a")
+        .exec_ok(["ip", "route", "add", &format!("{c_ip}/32"), "via", &b_on_ab])
+        .expect("route a→c");
+    o.node("c")
+        .exec_ok(["ip", "route", "add", &format!("{a_ip}/32"), "via", &b_on_bc])
+        .expect("route c→a");
+    let (ha, hc) = (o.addrs["a"].to_string(), o.addrs["c"].to_string());
+    let rows = [
+        (
+            "iperf3 TCP a→c, 1 stream (Gbit/s)",
+            iperf_to(o.node("a"), o.node("c"), &c_ip, 5, 1) / 1e9,
+            iperf_to(o.node("a"), o.node("c"), &hc, 5, 1) / 1e9,
+        ),
+        (
+            "iperf3 TCP a→c, 4 streams (Gbit/s)",
+            iperf_to(o.node("a"), o.node("c"), &c_ip, 5, 4) / 1e9,
+            iperf_to(o.node("a"), o.node("c"), &hc, 5, 4) / 1e9,
+        ),
+        (
+            "ping RTT a→c, median of 100 (ms)",
+            ping_rtt(o.node("a"), &a_ip, &c_ip, 100).unwrap_or(f64::NAN),
+            ping_rtt(o.node("a"), &ha, &hc, 100).unwrap_or(f64::NAN),
+        ),
+    ];
+    println!("| measurement | bare veth | Hypha | Hypha / bare |");
+    println!("|---|---:|---:|---:|");
+    for (name, bare, hypha) in rows {
+        println!("| {name} | {bare:.3} | {hypha:.3} | {:.3} |", hypha / bare);
+    }
+}
