@@ -84,7 +84,7 @@ struct RawRoute {
     prefix: String,
     peer: PeerId,
     #[serde(default)]
-    metric: u16,
+    metric: u32,
 }
 
 #[derive(Debug, Deserialize)]

@@ -45,6 +45,12 @@ use crate::udp;
 
 /// How often counters go up the ring and expired sessions are removed.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How often static sessions are renewed (well inside REJECT_AFTER_TIME).
+pub const STATIC_RENEW: Duration = Duration::from_secs(60);
+/// How far a renewed static session's send counter jumps past the old one's: more than the
+/// workers can reserve between reading the old counter and publishing the new session, so no
+/// nonce is ever used twice under the same key.
+pub const STATIC_COUNTER_GAP: u64 = 1 << 24;
 
 #[derive(Debug, Default)]
 struct Staging {
@@ -67,7 +73,31 @@ pub fn stats_json(shared: &Shared) -> serde_json::Value {
         "routes": shared.fib.load().len(),
         "sessions": shared.sessions.load().len(),
         "peers": shared.peers.load().iter().count(),
+        "per_peer": per_peer_json(shared),
     })
+}
+
+/// Packets and bytes per neighbour (ids are the dataplane's dense peer ids).
+fn per_peer_json(shared: &Shared) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let peers = shared.peers.load();
+    peers
+        .iter()
+        .map(|(id, a)| {
+            let st = peers.stats(id);
+            let get = |f: fn(&crate::state::PeerStats) -> &std::sync::atomic::AtomicU64| {
+                st.map_or(0, |s| f(s).load(Relaxed))
+            };
+            serde_json::json!({
+                "id": id,
+                "endpoint": a.addr.to_string(),
+                "tx_packets": get(|s| &s.tx_packets),
+                "tx_bytes": get(|s| &s.tx_bytes),
+                "rx_packets": get(|s| &s.rx_packets),
+                "rx_bytes": get(|s| &s.rx_bytes),
+            })
+        })
+        .collect()
 }
 
 /// The control thread's state.
@@ -84,6 +114,9 @@ pub struct Control {
     scratch: PacketPool,
     batch: Vec<RouteUpdate>,
     stats: Option<TcpListener>,
+    /// Static sessions to renew, and when they were last renewed.
+    static_sessions: Vec<SessionParams>,
+    renewed: Instant,
 }
 
 impl core::fmt::Debug for Control {
@@ -124,6 +157,8 @@ impl Control {
             }),
             batch: Vec::new(),
             stats: None,
+            static_sessions: Vec::new(),
+            renewed: Instant::from_micros(0),
         }
     }
 
@@ -154,6 +189,8 @@ impl Control {
             self.shared.sessions.insert(Arc::new(s), true);
             self.installed.insert(params.local_index);
         }
+        self.static_sessions = cfg.sessions.clone();
+        self.renewed = now;
         tracing::info!(
             peers = cfg.peers.len(),
             routes = cfg.routes.len(),
@@ -280,6 +317,8 @@ impl Control {
             send_key: tx.key,
             recv_key: rx.key,
             initiator: false,
+            // A re-installed key (a restarted dataplane getting a full replay) continues where
+            // the control plane says: never reuse a nonce, never accept an old counter again.
             send_counter: tx.counter,
             replay_base: rx.counter,
         };
@@ -438,6 +477,31 @@ impl Control {
         let _ = self.scratch.free(buf);
     }
 
+    /// Static mode has no handshakes, so sessions would hit REJECT_AFTER_TIME: every
+    /// [`STATIC_RENEW`] each is replaced by a fresh one with the same keys, its send counter
+    /// [`STATIC_COUNTER_GAP`] past the old one and its replay window starting above the highest
+    /// counter received (so nothing old can be replayed into the new one).
+    fn renew_static(&mut self, now: Instant) {
+        self.renewed = now;
+        let current = self.shared.sessions.load();
+        let mut renewed = Vec::with_capacity(self.static_sessions.len());
+        for params in &self.static_sessions {
+            let mut p = params.clone();
+            if let Some(old) = current.get(params.local_index) {
+                p.send_counter = old.sent().saturating_add(STATIC_COUNTER_GAP);
+                p.replay_base = old.highest_received().map_or(0, |h| h.saturating_add(1));
+            }
+            if let Ok(s) = Session::new(&p, now) {
+                renewed.push(Arc::new(s));
+            }
+        }
+        drop(current);
+        for s in renewed {
+            self.shared.sessions.insert(s, true);
+        }
+        tracing::debug!("static sessions renewed");
+    }
+
     /// Periodic work: counters up the ring, expired sessions out, stats requests answered.
     pub fn housekeeping(&mut self, now: Instant, publish: bool) {
         if publish {
@@ -447,6 +511,11 @@ impl Control {
                     let e = Record::Event(Event::Counters(snap.to_shm(i as u32)));
                     self.shared.punt(self.counters(), &e);
                 }
+            }
+            if !self.static_sessions.is_empty()
+                && now.saturating_duration_since(self.renewed) >= STATIC_RENEW
+            {
+                self.renew_static(now);
             }
             let expired = self.shared.sessions.remove_expired(now);
             if expired > 0 {

@@ -86,6 +86,8 @@ counters! {
     dropped_backpressure,
     /// Send or write completions that reported an error.
     io_errors,
+    /// Decrypted TCP segments merged into super-packets before the TUN write.
+    coalesced,
     /// ICMPv6 errors written to the TUN device.
     icmp_sent,
     /// Times the submission queue was full and had to be flushed before pushing.

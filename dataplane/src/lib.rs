@@ -4,13 +4,12 @@
 //!
 //! Pure parts, usable without any I/O: the FIB ([`fib`]), the replay window ([`replay`]), the E2E
 //! session crypto and session table ([`session`]), the packet buffer pool ([`pool`]), ICMPv6
-//! errors ([`icmp`]), counters ([`counters`]), the forwarding decisions ([`forward`]) and the
-//! segmentation of the TUN's offloaded super-packets ([`vnet`], [`gso`]).
+//! errors ([`icmp`]), counters ([`counters`]), the forwarding decisions ([`forward`]), and the
+//! segmentation and coalescing of offloaded super-packets ([`vnet`], [`gso`]).
 //! I/O: the TUN device ([`tun`]), the UDP sockets ([`udp`]), the io_uring wrapper ([`ring`]) and
 //! the workers that drive them ([`worker`]), and the control thread that applies the control
-//! plane's shm records or a static configuration ([`control`], [`config`]), and the socket
-//! that hands the region to a restarted control plane ([`handoff`]). `unsafe` is allowed
-//! only in the modules that make system calls (tun, udp, ring).
+//! plane's shm records or a static configuration ([`control`], [`config`]). `unsafe` is allowed
+//! only in the modules that make system calls (tun, udp, ring, worker).
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 

@@ -142,9 +142,11 @@ fn run(args: Args) -> Result<(), String> {
         None
     } else {
         let mut tun = Tun::open(&args.tun_name, workers).map_err(|e| e.to_string())?;
-        // TSO6 (with CSUM): the workers segment TCP super-packets themselves (dataplane::gso).
-        // USO is not used: UDP super-packets would need their own segmentation.
-        if !tun.set_offloads(Offloads::TSO) && !tun.set_offloads(Offloads::NONE) {
+        // TSO6/USO6 (with CSUM): the workers segment super-packets themselves (dataplane::vnet).
+        if !tun.set_offloads(Offloads::FULL)
+            && !tun.set_offloads(Offloads::TSO)
+            && !tun.set_offloads(Offloads::NONE)
+        {
             return Err("could not set the TUN offloads".to_owned());
         }
         tracing::info!(offloads = tun.offloads().0, "TUN offloads");

@@ -391,6 +391,11 @@ impl Session {
         self.send_counter.load(Ordering::Relaxed)
     }
 
+    /// The highest counter accepted so far, if any.
+    pub fn highest_received(&self) -> Option<u64> {
+        self.replay.highest()
+    }
+
     /// Packets received and accepted.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)

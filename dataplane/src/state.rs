@@ -6,8 +6,9 @@
 //! shm up-ring producer ([`UpLink`]), taken for a slot write per punted control packet or event —
 //! never per data packet.
 
+use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -22,6 +23,8 @@ use crate::udp::to_sockaddr;
 /// A neighbour's underlay address, also in the form `sendmsg` wants.
 #[derive(Clone, Copy)]
 pub struct PeerAddr {
+    /// The neighbour's FIB peer number.
+    pub id: PeerId,
     /// The address.
     pub addr: SocketAddr,
     /// The same, as a (v4-mapped) `sockaddr_in6`.
@@ -43,19 +46,53 @@ impl PartialEq for PeerAddr {
 impl Eq for PeerAddr {}
 
 impl PeerAddr {
-    /// The peer address `addr`.
-    pub fn new(addr: SocketAddr) -> Self {
+    /// Peer `id` at `addr`.
+    pub fn new(id: PeerId, addr: SocketAddr) -> Self {
         PeerAddr {
+            id,
             addr,
             raw: to_sockaddr(&addr),
         }
     }
 }
 
-/// Underlay addresses of the neighbours, indexed by the FIB's [`PeerId`].
+/// Per-neighbour traffic counters (relaxed atomics, shared by the workers; one add per send or
+/// receive operation, not per packet of a GSO/GRO batch).
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Datagrams sent to the neighbour.
+    pub tx_packets: AtomicU64,
+    /// Bytes of them.
+    pub tx_bytes: AtomicU64,
+    /// Datagrams received from the neighbour's address.
+    pub rx_packets: AtomicU64,
+    /// Bytes of them.
+    pub rx_bytes: AtomicU64,
+}
+
+impl PeerStats {
+    /// Counts `packets` datagrams of `bytes` in total sent.
+    #[inline]
+    pub fn tx(&self, packets: u64, bytes: u64) {
+        self.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts `packets` datagrams of `bytes` in total received.
+    #[inline]
+    pub fn rx(&self, packets: u64, bytes: u64) {
+        self.rx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Underlay addresses of the neighbours, indexed by the FIB's [`PeerId`], with their counters
+/// (which survive address changes: the table is copied on write, the counters are shared).
 #[derive(Debug, Clone, Default)]
 pub struct PeerTable {
     addrs: Vec<Option<PeerAddr>>,
+    stats: Vec<Arc<PeerStats>>,
+    by_addr: HashMap<SocketAddr, PeerId>,
 }
 
 impl PeerTable {
@@ -71,9 +108,30 @@ impl PeerTable {
         if self.addrs.len() <= i {
             self.addrs.resize(i + 1, None);
         }
-        if let Some(slot) = self.addrs.get_mut(i) {
-            *slot = addr.map(PeerAddr::new);
+        while self.stats.len() <= i {
+            self.stats.push(Arc::default());
         }
+        if let Some(slot) = self.addrs.get_mut(i) {
+            if let Some(old) = slot.take() {
+                self.by_addr.remove(&old.addr);
+            }
+            *slot = addr.map(|a| PeerAddr::new(peer, a));
+        }
+        if let Some(a) = addr {
+            self.by_addr.insert(a, peer);
+        }
+    }
+
+    /// The counters of `peer` (present for every peer ever set).
+    #[inline]
+    pub fn stats(&self, peer: PeerId) -> Option<&PeerStats> {
+        self.stats.get(peer as usize).map(|s| &**s)
+    }
+
+    /// The peer whose underlay address is `addr`.
+    #[inline]
+    pub fn by_addr(&self, addr: &SocketAddr) -> Option<PeerId> {
+        self.by_addr.get(addr).copied()
     }
 
     /// The peers that are up.

@@ -129,7 +129,7 @@ impl VnetHdr {
 /// not complemented. Reads 8 bytes at a time: 2^64 ≡ 1 (mod 2^16 − 1), so summing big-endian u64
 /// words with end-around carry gives the same result as summing u16 words (RFC 1071 §2(B)).
 /// `data` may have odd length only in the last call of a chain.
-fn sum_bytes(sum: u64, data: &[u8]) -> u64 {
+pub fn sum_bytes(sum: u64, data: &[u8]) -> u64 {
     let mut acc = u128::from(sum);
     let mut words = data.chunks_exact(8);
     for w in &mut words {
@@ -150,7 +150,8 @@ fn sum_bytes(sum: u64, data: &[u8]) -> u64 {
     acc as u64
 }
 
-fn fold(mut sum: u64) -> u16 {
+/// Folds a sum from [`sum_bytes`] to 16 bits (not complemented).
+pub fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

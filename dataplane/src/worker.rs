@@ -39,6 +39,7 @@ use crate::session::TAG_LEN;
 use crate::state::{upper64, PeerAddr, Shared};
 use crate::tun::VNET_HDR_LEN;
 use crate::udp::{from_sockaddr, gro_segment_size};
+use crate::vnet;
 use hypha_proto::wire::data::{Kind, PayloadType, Repr, HEADER_LEN};
 
 /// Longest wait for completions before the loop looks at the stop flag and the queue again.
@@ -75,8 +76,6 @@ const RECVMSG_OUT_LEN: usize = 16;
 /// Where the datagram starts in a received buffer.
 const RECV_PAYLOAD_OFFSET: usize = RECVMSG_OUT_LEN + RECV_NAME_LEN + RECV_CONTROL_LEN;
 
-/// virtio_net_hdr flag: the checksum at csum_start + csum_offset must be completed.
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 /// virtio_net_hdr flag: the checksums are known good (we authenticated the packet).
 const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 
@@ -126,6 +125,16 @@ const GSO_MAX_SEGMENTS: usize = 64;
 /// Bytes per GSO send at most (one UDP datagram's worth, less headers).
 const GSO_MAX_BYTES: usize = 65_000;
 
+/// Transit datagrams of one received buffer going to one next hop, back to back.
+struct FwdBatch {
+    peer: PeerAddr,
+    start: usize,
+    end: usize,
+    /// Size of each datagram but the last.
+    seg: usize,
+    count: usize,
+}
+
 struct Pending {
     prefix: u64,
     dst: Ipv6Addr,
@@ -172,6 +181,8 @@ struct Worker {
     events: EventLimiter,
     completions: Vec<Completion>,
     udp_gso: bool,
+    /// Decrypted packets of the buffer being handled, waiting to be written to the TUN.
+    to_tun: Vec<(usize, usize)>,
 }
 
 /// Runs a worker until `shared.stop` is set. Blocks the calling thread.
@@ -234,6 +245,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
         completions: Vec::with_capacity(4 * RING_ENTRIES as usize),
         shared,
         udp_gso,
+        to_tun: Vec::with_capacity(GSO_MAX_SEGMENTS * 2),
     };
     tracing::debug!(worker = index, "worker running");
     let result = w.run_loop();
@@ -436,58 +448,37 @@ impl Worker {
 
     /// A packet from the TUN: virtio header, then routing, sealing and sending.
     fn handle_tun_packet(&mut self, t: &Tables<'_>, mut buf: PacketBuf) {
-        let Some(vnet) = buf.data().get(..VNET_HDR_LEN) else {
-            self.count(Counter::dropped_malformed);
-            return self.free(buf);
-        };
-        let (flags, gso_type) = (vnet[0], vnet[1]);
-        let csum_start = usize::from(u16::from_le_bytes([vnet[6], vnet[7]]));
-        let csum_offset = usize::from(u16::from_le_bytes([vnet[8], vnet[9]]));
-        let gso_size = usize::from(u16::from_le_bytes([vnet[4], vnet[5]]));
-        if buf.pull_header(VNET_HDR_LEN).is_err() {
-            self.count(Counter::dropped_malformed);
-            return self.free(buf);
-        }
-        match gso_type & !gso::GSO_ECN {
-            gso::GSO_NONE => {}
-            gso::GSO_TCPV6 => {
-                let counters = self.counters();
-                counters.inc(Counter::tun_rx_packets);
-                counters.add(Counter::tun_rx_bytes, buf.len() as u64);
-                return self.segment_and_send(t, buf, csum_start, gso_size);
-            }
+        let hdr = match vnet::VnetHdr::parse(buf.data()) {
+            Ok(h) if buf.pull_header(vnet::LEN).is_ok() => h,
             _ => {
-                // Only TSO6 is negotiated; anything else is a kernel surprise.
                 self.count(Counter::dropped_malformed);
                 return self.free(buf);
             }
-        }
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
-            && complete_checksum(buf.data_mut(), csum_start, csum_offset).is_none()
-        {
-            self.count(Counter::dropped_malformed);
-            return self.free(buf);
-        }
+        };
         let counters = self.counters();
         counters.inc(Counter::tun_rx_packets);
         counters.add(Counter::tun_rx_bytes, buf.len() as u64);
+        if hdr.is_gso() {
+            return self.segment_and_send(t, buf, &hdr);
+        }
+        if vnet::complete_checksum(&hdr, buf.data_mut()).is_err() {
+            self.count(Counter::dropped_malformed);
+            return self.free(buf);
+        }
         self.route_local(t, buf);
     }
 
-    /// Cuts a TCP super-packet from the TUN into MSS-sized segments, each sealed in its own
-    /// datagram slot of a send buffer, and sends the slots with UDP GSO (see [`gso`]).
-    fn segment_and_send(
-        &mut self,
-        t: &Tables<'_>,
-        buf: PacketBuf,
-        csum_start: usize,
-        gso_size: usize,
-    ) {
-        let Some(sup) = gso::TcpSuper::parse(buf.data(), csum_start, gso_size) else {
+    /// Cuts a TCP or UDP super-packet from the TUN into MTU-sized segments ([`vnet::Segments`]),
+    /// each written and sealed in its own datagram slot of a send buffer, and sends the slots
+    /// with UDP GSO: one TUN read and one send for ~45 packets.
+    fn segment_and_send(&mut self, t: &Tables<'_>, buf: PacketBuf, hdr: &vnet::VnetHdr) {
+        let (Ok(mut sup), Some((src, dst))) = (
+            vnet::Segments::new(hdr, buf.data()),
+            crate::icmp::ipv6_addrs(buf.data()),
+        ) else {
             self.count(Counter::dropped_malformed);
             return self.free(buf);
         };
-        let dst = sup.dst();
         let (peer, session) = match route(t, &dst) {
             Ok(r) => r,
             Err(Outbound::NoRoute(dst)) => {
@@ -513,12 +504,11 @@ impl Worker {
                 return self.free(buf);
             }
         };
-        let n = sup.segments();
+        let n = sup.count();
         let Ok(counters) = session.reserve_counters(t.now, n as u64) else {
             self.count(Counter::dropped_expired);
             return self.free(buf);
         };
-        let src = crate::icmp::ipv6_addrs(buf.data()).map_or(self.shared.addr, |(s, _)| s);
         let stride = HEADER_LEN + 1 + sup.max_segment_len() + TAG_LEN;
         let per_send = if self.udp_gso {
             (GSO_MAX_BYTES / stride).clamp(1, GSO_MAX_SEGMENTS)
@@ -542,9 +532,9 @@ impl Worker {
                     let Some(d) = area.get_mut(total..) else {
                         break;
                     };
-                    let Some(seg_len) = d
+                    let Some(Ok(seg_len)) = d
                         .get_mut(HEADER_LEN + 1..)
-                        .and_then(|body| sup.write_segment(k, body))
+                        .and_then(|body| sup.next_into(body))
                     else {
                         break;
                     };
@@ -572,7 +562,7 @@ impl Worker {
                 break;
             }
             let gso = if sealed > 1 { stride as u16 } else { 0 };
-            self.send_buf_gso(out, &peer, gso);
+            self.send_buf_gso(t, out, &peer, gso);
             i = end;
         }
         self.free(buf);
@@ -581,7 +571,7 @@ impl Worker {
     /// Routes a locally originated IPv6 packet (from the TUN, or dequeued).
     fn route_local(&mut self, t: &Tables<'_>, mut buf: PacketBuf) {
         match outbound(t, &mut buf) {
-            Outbound::Send(peer) => self.send_buf(buf, &peer),
+            Outbound::Send(peer) => self.send_buf_gso(t, buf, &peer, 0),
             Outbound::NoRoute(dst) => {
                 self.count(Counter::dropped_no_route);
                 // Only overlay destinations are worth a route request (not, say, MLD reports).
@@ -691,7 +681,7 @@ impl Worker {
     /// A buffer from the multishot receive: `len` bytes of `recvmsg` output (header, source
     /// address, control messages, datagram or GRO-coalesced datagrams).
     fn handle_udp_buffer(&mut self, t: &Tables<'_>, mut buf: PacketBuf, len: usize) {
-        let index = buf.index();
+        self.to_tun.clear();
         buf.reset(0);
         if buf.set_len(len).is_err() {
             return self.free(buf);
@@ -714,6 +704,10 @@ impl Worker {
             0,
         )));
         let seg_size = gso.unwrap_or(payload_len).max(1);
+        if let Some(st) = t.peers.by_addr(&from).and_then(|p| t.peers.stats(p)) {
+            st.rx(payload_len.div_ceil(seg_size) as u64, payload_len as u64);
+        }
+        let mut fwd: Option<FwdBatch> = None;
         let mut off = RECV_PAYLOAD_OFFSET;
         let end = RECV_PAYLOAD_OFFSET + payload_len;
         while off < end {
@@ -728,31 +722,11 @@ impl Worker {
             };
             match inbound(t, seg) {
                 Inbound::ToTun { start, len } => {
-                    let vstart = start - VNET_HDR_LEN;
-                    let Some(v) = seg.get_mut(vstart..start) else {
-                        self.count(Counter::dropped_malformed);
-                        off += seg_len;
-                        continue;
-                    };
-                    v.fill(0);
-                    v[0] = VIRTIO_NET_HDR_F_DATA_VALID;
-                    let ptr = seg[vstart..].as_ptr();
-                    match self.tun {
-                        Some(fd) => {
-                            if self.submit_slot(
-                                Op::TunWrite,
-                                fd,
-                                index,
-                                ptr,
-                                len + VNET_HDR_LEN,
-                                None,
-                            ) {
-                                self.count(Counter::delivered);
-                            } else {
-                                self.count(Counter::dropped_backpressure);
-                            }
-                        }
-                        None => self.count(Counter::dropped_no_route),
+                    if self.tun.is_some() {
+                        self.count(Counter::delivered);
+                        self.to_tun.push((off + start, len));
+                    } else {
+                        self.count(Counter::dropped_no_route);
                     }
                 }
                 Inbound::PuntDecrypted { len } => {
@@ -778,18 +752,153 @@ impl Worker {
                     );
                 }
                 Inbound::Forward(peer) => {
-                    let ptr = seg.as_ptr();
-                    if self.submit_slot(Op::UdpSend, self.udp, index, ptr, seg_len, Some(&peer)) {
-                        self.count(Counter::forwarded);
-                    } else {
-                        self.count(Counter::dropped_backpressure);
+                    // Consecutive GRO segments to one next hop leave as one GSO send: they are
+                    // already contiguous, equal-sized and rewritten in place.
+                    match &mut fwd {
+                        Some(f) if f.peer == peer && f.end == off && f.seg == seg_len => {
+                            f.end += seg_len;
+                            f.count += 1;
+                        }
+                        Some(f) if f.peer == peer && f.end == off && seg_len < f.seg => {
+                            // A shorter last segment ends the batch.
+                            f.end += seg_len;
+                            f.count += 1;
+                            let done = fwd.take();
+                            self.forward_batch(t, &buf, done);
+                        }
+                        _ => {
+                            let done = fwd.take();
+                            self.forward_batch(t, &buf, done);
+                            fwd = Some(FwdBatch {
+                                peer,
+                                start: off,
+                                end: off + seg_len,
+                                seg: seg_len,
+                                count: 1,
+                            });
+                        }
                     }
                 }
                 Inbound::Drop(c) => self.count(c),
             }
             off += seg_len;
         }
+        let done = fwd.take();
+        self.forward_batch(t, &buf, done);
+        if !self.to_tun.is_empty() {
+            self.write_to_tun(&mut buf);
+        }
         self.park(buf);
+    }
+
+    /// Sends a batch of transit datagrams lying back to back in `buf` (one GSO send).
+    fn forward_batch(&mut self, t: &Tables<'_>, buf: &PacketBuf, batch: Option<FwdBatch>) {
+        let Some(f) = batch else {
+            return;
+        };
+        let Some(bytes) = buf.data().get(f.start..f.end) else {
+            return;
+        };
+        let gso = if f.count > 1 && self.udp_gso {
+            u16::try_from(f.seg).unwrap_or(0)
+        } else {
+            0
+        };
+        let sent = if gso > 0 || f.count == 1 {
+            self.submit_slot_gso(
+                Op::UdpSend,
+                self.udp,
+                buf.index(),
+                bytes.as_ptr(),
+                bytes.len(),
+                Some(&f.peer),
+                gso,
+            )
+        } else {
+            // No GSO: one send per datagram.
+            let mut all = true;
+            for chunk in bytes.chunks(f.seg) {
+                all &= self.submit_slot(
+                    Op::UdpSend,
+                    self.udp,
+                    buf.index(),
+                    chunk.as_ptr(),
+                    chunk.len(),
+                    Some(&f.peer),
+                );
+            }
+            all
+        };
+        if sent {
+            if let Some(st) = t.peers.stats(f.peer.id) {
+                st.tx(f.count as u64, (f.end - f.start) as u64);
+            }
+            self.counters().add(Counter::forwarded, f.count as u64);
+        } else {
+            self.counters()
+                .add(Counter::dropped_backpressure, f.count as u64);
+        }
+    }
+
+    /// Writes the decrypted packets listed in `to_tun` (offsets into `buf`): runs of one TCP
+    /// flow are merged into one super-packet in a fresh buffer (see [`gso::TcpRun`]); the rest
+    /// are written in place, each behind a virtio header in the bytes its data header used.
+    fn write_to_tun(&mut self, buf: &mut PacketBuf) {
+        let Some(fd) = self.tun else {
+            self.to_tun.clear();
+            return;
+        };
+        let list = std::mem::take(&mut self.to_tun);
+        let index = buf.index();
+        let mut i = 0;
+        while i < list.len() {
+            let data = buf.data();
+            let pkt = |k: usize| -> &[u8] {
+                list.get(k)
+                    .and_then(|(s, l)| data.get(*s..*s + *l))
+                    .unwrap_or(&[])
+            };
+            let first = pkt(i);
+            let mut j = i + 1;
+            let mut run = gso::TcpRun::start(first);
+            if let Some(r) = &mut run {
+                while j < list.len() && r.try_push(first, pkt(j)) {
+                    j += 1;
+                }
+            }
+            if let Some(r) = run.filter(|r| r.count() >= 2) {
+                if let Some(mut out) = self.pool.alloc() {
+                    out.reset(0);
+                    let n = r.write((i..j).map(pkt), out.read_target());
+                    if let Some(n) = n.filter(|n| out.set_len(*n).is_ok()) {
+                        let _ = n;
+                        self.counters().add(Counter::coalesced, r.count() as u64);
+                        self.write_buf(out);
+                        i = j;
+                        continue;
+                    }
+                    self.free(out);
+                }
+            }
+            for k in i..j {
+                let Some(&(start, len)) = list.get(k) else {
+                    break;
+                };
+                let vstart = start - VNET_HDR_LEN;
+                let Some(v) = buf.data_mut().get_mut(vstart..start) else {
+                    continue;
+                };
+                v.fill(0);
+                v[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+                let ptr = buf.data()[vstart..].as_ptr();
+                if !self.submit_slot(Op::TunWrite, fd, index, ptr, len + VNET_HDR_LEN, None) {
+                    self.count(Counter::dropped_backpressure);
+                }
+            }
+            i = j;
+        }
+        self.to_tun = list;
+        self.to_tun.clear();
     }
 
     /// After a handler submitted operations on `buf`: keep it until they complete, or free it.
@@ -804,15 +913,20 @@ impl Worker {
         self.free(buf);
     }
 
-    fn send_buf(&mut self, buf: PacketBuf, peer: &PeerAddr) {
-        self.send_buf_gso(buf, peer, 0);
-    }
-
     /// Sends `buf` to `peer`; with `gso` > 0 as datagrams of `gso` bytes (the last may be
     /// shorter) in one `UDP_SEGMENT` send.
-    fn send_buf_gso(&mut self, buf: PacketBuf, peer: &PeerAddr, gso: u16) {
+    fn send_buf_gso(&mut self, t: &Tables<'_>, buf: PacketBuf, peer: &PeerAddr, gso: u16) {
         let (ptr, len, index) = (buf.data().as_ptr(), buf.len(), buf.index());
-        if !self.submit_slot_gso(Op::UdpSend, self.udp, index, ptr, len, Some(peer), gso) {
+        if self.submit_slot_gso(Op::UdpSend, self.udp, index, ptr, len, Some(peer), gso) {
+            if let Some(st) = t.peers.stats(peer.id) {
+                let n = if gso > 0 {
+                    len.div_ceil(usize::from(gso))
+                } else {
+                    1
+                };
+                st.tx(n as u64, len as u64);
+            }
+        } else {
             self.count(Counter::dropped_backpressure);
         }
         self.park(buf);
@@ -958,11 +1072,18 @@ impl Worker {
                 let len = target.len().saturating_sub(TAILROOM) as u32;
                 let ptr = target.as_mut_ptr();
                 let index = buf.index();
+                // SAFETY: the buffer goes into `inflight` right after a successful push (moving
+                // the `PacketBuf` does not move its memory) and stays there until this read's
+                // completion.
+                let pushed =
+                    unsafe { self.ring.read(fd, ptr, len, ring::pack(Op::TunRead, index)) };
+                if let Err(e) = pushed {
+                    self.free(buf);
+                    return Err(e.into());
+                }
                 if let Some(slot) = self.inflight.get_mut(index as usize) {
                     *slot = Some(buf);
                 }
-                // SAFETY: the buffer sits in `inflight` until this read's completion.
-                unsafe { self.ring.read(fd, ptr, len, ring::pack(Op::TunRead, index)) }?;
                 self.tun_reads += 1;
             }
         }
@@ -990,19 +1111,4 @@ fn write_segment_cmsg(control: &mut [u64; 3], gso: u16) {
 /// Whether `addr` is in the overlay's 400::/7.
 fn is_overlay(addr: &Ipv6Addr) -> bool {
     addr.octets()[0] & 0xfe == 0x04
-}
-
-/// Completes a partial checksum (virtio NEEDS_CSUM): the one's-complement sum from `start` to the
-/// end, folded into the pseudo-header sum the kernel left at `start + offset`.
-fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Option<()> {
-    let field = start.checked_add(offset)?;
-    if field + 2 > packet.len() {
-        return None;
-    }
-    let sum = icmp::sum_words(0, packet.get(start..)?);
-    let folded = !icmp::fold(sum);
-    packet
-        .get_mut(field..field + 2)?
-        .copy_from_slice(&folded.to_be_bytes());
-    Some(())
 }

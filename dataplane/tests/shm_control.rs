@@ -1,7 +1,9 @@
 //! hypha-dp driven over shared memory by a stand-in control plane (this test), in a network
 //! namespace (root only; skipped otherwise): peers, routes and session keys go down the ring;
-//! control frames and message-bus frames come up; the control plane's packets go out from the
-//! node's port, sealed when they are overlay packets; a resync removes what the replay omitted.
+//! control frames and message-bus frames come up; a TUN packet without a session is queued, the
+//! control plane is told (NoSession), and the packet leaves sealed once the keys arrive; the
+//! control plane's packets go out from the node's port, sealed when they are overlay packets; a
+//! resync removes what the replay omitted, and not before its end marker.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
@@ -91,16 +93,8 @@ fn control_plane_over_shm() {
     .unwrap();
     let (mut down, mut up) = region.split(Role::ControlPlane).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypha-dp"));
-    cmd.args([
-        "--no-tun",
-        "--addr",
-        B,
-        "--workers",
-        "2",
-        "--stats-listen",
-        STATS,
-    ])
-    .env("RUST_LOG", "debug");
+    cmd.args(["--addr", B, "--workers", "2", "--stats-listen", STATS])
+        .env("RUST_LOG", "debug");
     region.share_with(&mut cmd);
     let _dp = b.spawn("dp-b", cmd).unwrap();
     wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
@@ -154,6 +148,22 @@ fn control_plane_over_shm() {
     let (n, src) = sock.recv_from(&mut buf).unwrap();
     assert_eq!((&buf[..n], src.port()), (&frame[..], PORT));
 
+    // A packet from b's TUN to a, before any session: queued, and the control plane is told.
+    let _ping = b
+        .spawn_args("ping-a", ["ping", "-n", "-c", "1", "-W", "8", A])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut told = false;
+    while Instant::now() < deadline && !told {
+        if up.wait(Duration::from_millis(100)).unwrap() {
+            if let Some(Ok(rec)) = up.pop().unwrap() {
+                told = rec.record == Record::Event(Event::NoSession(addr(A)));
+            }
+        }
+    }
+    assert!(told, "no NoSession event for a: {:?}", stats(&b));
+    assert!(stats(&b).unwrap()["counters"]["queued_no_session"].as_u64() >= Some(1));
+
     // Session keys, one per direction, make one session.
     let (k_ab, k_ba) = ([0x11u8; 32], [0x22u8; 32]);
     for (index, direction, key) in [
@@ -176,6 +186,28 @@ fn control_plane_over_shm() {
         stats(&b).is_some_and(|s| s["sessions"] == 1)
     })
     .expect("session not installed");
+
+    // The queued echo request leaves as soon as the session exists, sealed for a.
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    let got = Packet::new_checked(&buf[..n]).unwrap();
+    assert_eq!((got.receiver_index(), got.dst_addr()), (600, addr(A)));
+    let mut aad = [0u8; HEADER_LEN];
+    got.aad(&mut aad);
+    let counter = got.counter();
+    let mut body = buf[HEADER_LEN..n].to_vec();
+    let open = OpeningKey::new(Cipher::ChaCha20Poly1305, &k_ba).unwrap();
+    let inner = open.open_in_place(counter, &aad, &mut body).unwrap();
+    assert_eq!(inner[0], 0x00, "inner type IPv6");
+    assert_eq!(
+        &inner[1 + 24..1 + 40],
+        &addr(A).octets(),
+        "inner destination"
+    );
+    assert_eq!(
+        (inner[1 + 6], inner[1 + 40]),
+        (58, 128),
+        "an ICMPv6 echo request"
+    );
 
     // An overlay message from the control plane is sealed and routed to a.
     let mut overlay = vec![0u8; HEADER_LEN];
@@ -245,6 +277,19 @@ fn control_plane_over_shm() {
         }
     }
     assert!(saw_counters, "no counters event with punts");
+
+    // The control plane "restarts": its producer goes away and a new one (a new epoch) takes
+    // over. Nothing changes in the dataplane until the new producer's replay is complete.
+    let old_epoch = down.epoch();
+    drop(down);
+    std::thread::sleep(Duration::from_millis(300));
+    let s = stats(&b).unwrap();
+    assert_eq!(
+        (s["routes"].as_u64(), s["sessions"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let mut down = region.producer(shm::Direction::Down).unwrap();
+    assert_ne!(down.epoch(), old_epoch);
 
     // Resync: the replay mentions only a route to c via a new peer; the old route, peer and
     // session go, the new ones stay.

@@ -7,7 +7,9 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
+use hypha_proto::addr::Subnet;
 use hypha_proto::babel::Prefix;
+use hypha_proto::key::PublicKey;
 
 use super::PeerMisbehaved;
 
@@ -34,16 +36,14 @@ impl RouteFilter {
         match self {
             RouteFilter::Any => Ok(()),
             RouteFilter::Overlay => {
-                let overlay = Prefix::new(IpAddr::V6(Ipv6Addr::new(0x400, 0, 0, 0, 0, 0, 0, 0)), 7);
-                let inside = prefix.len() == 64 && overlay.is_some_and(|o| o.covers(prefix));
-                if !inside {
-                    return Err(PeerMisbehaved::ForbiddenPrefix { prefix: *prefix });
-                }
+                let subnet = to_subnet(prefix)
+                    .filter(Subnet::is_overlay_64)
+                    .ok_or(PeerMisbehaved::ForbiddenPrefix { prefix: *prefix })?;
                 if retraction {
                     return Ok(());
                 }
                 let key = origin_key.ok_or(PeerMisbehaved::MissingOriginKey { prefix: *prefix })?;
-                if overlay_subnet(key) != *prefix {
+                if !PublicKey::from_bytes(*key).owns(&subnet) {
                     return Err(PeerMisbehaved::KeyDoesNotOwnPrefix { prefix: *prefix });
                 }
                 Ok(())
@@ -52,27 +52,25 @@ impl RouteFilter {
     }
 }
 
-/// The overlay address of a public key, as Mycelium derives it (issue 2): blake3's extendable
-/// output of the key fills 16 bytes, then the first byte becomes `0x04 | (popcount(first) mod 2)`.
-///
-/// A local copy until `hypha_proto::addr` (branch `ident`) provides `PublicKey::owns`.
-pub fn overlay_address(key: &[u8; 32]) -> Ipv6Addr {
-    let mut out = [0u8; 16];
-    let mut h = blake3::Hasher::new();
-    h.update(key);
-    h.finalize_xof().fill(&mut out);
-    let p = u8::from(out[0].count_ones() % 2 == 1);
-    out[0] = 0x04 | p;
-    Ipv6Addr::from(out)
+/// An IPv6 Babel prefix as an identity [`Subnet`]; `None` for IPv4.
+fn to_subnet(prefix: &Prefix) -> Option<Subnet> {
+    match prefix.addr() {
+        IpAddr::V6(a) => Subnet::new(a, prefix.len()).ok(),
+        IpAddr::V4(_) => None,
+    }
 }
 
-/// The /64 a public key owns: the one around its [`overlay_address`].
+/// The overlay address of a public key (`hypha_proto::addr::OverlayAddr::from_public_key`, the
+/// Mycelium derivation), as a plain address.
+pub fn overlay_address(key: &[u8; 32]) -> Ipv6Addr {
+    PublicKey::from_bytes(*key).address().ip()
+}
+
+/// The /64 a public key owns, as a Babel [`Prefix`].
 pub fn overlay_subnet(key: &[u8; 32]) -> Prefix {
-    let a = overlay_address(key);
-    let mut o = a.octets();
-    o[8..].fill(0);
-    // A /64 of a valid IPv6 address always exists.
-    Prefix::new(IpAddr::V6(Ipv6Addr::from(o)), 64).unwrap_or_else(|| unreachable!())
+    let s = PublicKey::from_bytes(*key).subnet();
+    // A /64 of an IPv6 address is always a valid prefix.
+    Prefix::new(IpAddr::V6(s.addr()), s.prefix_len()).unwrap_or_else(|| unreachable!())
 }
 
 #[cfg(test)]

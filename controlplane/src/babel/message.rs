@@ -488,20 +488,9 @@ impl Router {
         let cfg = ifc.cfg.clone();
         let hello_seqno = ifc.hello_seqno;
         let mut p = PacketBuilder::new(buf, cfg.max_packet_size).compress(true);
-        if b.hello {
-            let hello = Tlv::Hello(Hello {
-                flags: 0,
-                seqno: hello_seqno.0,
-                interval: Interface::centis(cfg.hello_interval),
-                timestamp: cfg.rtt.map(|_| timestamp(now)),
-            });
-            if p.push(&hello).is_ok() {
-                b.hello = false;
-                if let Some(ifc) = self.interfaces.get_mut(&id) {
-                    ifc.hello_seqno = hello_seqno.plus(1);
-                }
-            }
-        }
+        // IHUs go before the Hello: receivers pair them with the Hello's timestamp wherever it is
+        // in the packet (RFC 9616 §3.3; babeld too), and Wireshark/tshark 4.0 reports a packet
+        // that ends with a timestamped IHU as malformed (babeld 1.12's own packets included).
         if b.ihu {
             // IHUs go with every Hello, so their interval is the Hello interval. A neighbour table
             // too big for one packet continues in the next one, from where this one stopped.
@@ -540,6 +529,20 @@ impl Router {
                         b.ihu_from = Some(k.addr);
                     }
                     break;
+                }
+            }
+        }
+        if b.hello {
+            let hello = Tlv::Hello(Hello {
+                flags: 0,
+                seqno: hello_seqno.0,
+                interval: Interface::centis(cfg.hello_interval),
+                timestamp: cfg.rtt.map(|_| timestamp(now)),
+            });
+            if p.push(&hello).is_ok() {
+                b.hello = false;
+                if let Some(ifc) = self.interfaces.get_mut(&id) {
+                    ifc.hello_seqno = hello_seqno.plus(1);
                 }
             }
         }

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use core::time::Duration;
 
-use hypha_proto::addr::OverlayAddr;
+use hypha_proto::addr::{OverlayAddr, Subnet};
 use hypha_proto::key::{PublicKey, SecretKey};
 use hypha_proto::time::Instant;
 use hypha_proto::wire::data::{Kind, Packet, Repr, HEADER_LEN};
@@ -216,7 +216,8 @@ pub enum Event {
         local_index: u32,
     },
     /// A handshake towards `dst` gave up (or could not start): the dataplane answers what it queued
-    /// for `dst` with ICMPv6 destination unreachable. Sessions that still exist are not affected.
+    /// for `dst`'s /64 with ICMPv6 destination unreachable. `dst` is the peer node's address (or,
+    /// for a refused `connect`, the address given). Sessions that still exist are not affected.
     Failed {
         /// The destination.
         dst: OverlayAddr,
@@ -314,7 +315,7 @@ pub enum E2eError {
         /// The key given for it.
         key: PublicKey,
     },
-    /// `connect` to our own address.
+    /// `connect` to an address in our own /64.
     #[error("no session to ourselves")]
     OwnAddress,
     /// A local Noise failure (RNG, snow setup).
@@ -457,13 +458,15 @@ pub struct SessionManager {
     epoch: Instant,
     last_timestamp: Timestamp,
     sessions: HashMap<u32, Session>,
-    by_peer: HashMap<OverlayAddr, Vec<u32>>,
+    /// Sessions and handshakes are per peer node, i.e. per /64 (a node owns the /64 around its
+    /// address, and the dataplane asks for any address in it).
+    by_peer: HashMap<Subnet, Vec<u32>>,
     next_seq: u64,
     pending: HashMap<u32, Pending>,
-    pending_by_dst: HashMap<OverlayAddr, u32>,
+    pending_by_dst: HashMap<Subnet, u32>,
     /// Last initiation sent per destination (rate limit), and when a route was last asked for.
-    last_init: HashMap<OverlayAddr, Instant>,
-    last_need_route: HashMap<OverlayAddr, Instant>,
+    last_init: HashMap<Subnet, Instant>,
+    last_need_route: HashMap<Subnet, Instant>,
     /// Greatest accepted timestamp per initiator key, with its place in `replay_order`.
     replay: HashMap<PublicKey, (Timestamp, u64)>,
     replay_order: BTreeMap<u64, PublicKey>,
@@ -568,9 +571,11 @@ impl SessionManager {
 
     /// The dataplane has no usable session to `dst` (or its session is due for rekey): make one.
     ///
+    /// Sessions are per peer node, and a node owns the /64 around its address: `dst` may be any
+    /// address in that /64, the handshake goes to the node's own address (`dst_key.address()`).
     /// `dst_key` is the static key that travelled with the route to `dst`; `None` (no route yet)
-    /// emits [`Event::NeedRoute`] (at most once per [`REKEY_TIMEOUT`] per destination). A key whose
-    /// address is not `dst` is refused ([`E2eError::KeyMismatch`], and [`Event::Failed`]). Nothing
+    /// emits [`Event::NeedRoute`] (at most once per [`REKEY_TIMEOUT`] per /64). A key that does not
+    /// own `dst`'s /64 is refused ([`E2eError::KeyMismatch`], and [`Event::Failed`] for `dst`). Nothing
     /// happens if a handshake to `dst` is running or a session to `dst` the dataplane can send on
     /// is younger than [`REKEY_AFTER_TIME`]. Initiations to one destination are at least
     /// [`REKEY_TIMEOUT`] apart: a handshake asked for sooner starts when that time is up.
@@ -580,30 +585,33 @@ impl SessionManager {
         dst: OverlayAddr,
         dst_key: Option<PublicKey>,
     ) -> Result<(), E2eError> {
-        if dst == self.address {
+        if dst.subnet() == self.address.subnet() {
             return Err(E2eError::OwnAddress);
         }
-        if self.pending_by_dst.contains_key(&dst) || self.has_fresh_session(now, dst) {
+        let net = dst.subnet();
+        if let Some(key) = dst_key {
+            if key.subnet() != net {
+                self.counters.key_mismatch += 1;
+                self.push_event(Event::Failed { dst });
+                return Err(E2eError::KeyMismatch { dst, key });
+            }
+        }
+        if self.pending_by_dst.contains_key(&net) || self.has_fresh_session(now, net) {
             return Ok(());
         }
         let Some(key) = dst_key else {
             let due = self
                 .last_need_route
-                .get(&dst)
+                .get(&net)
                 .is_none_or(|&t| now >= t + REKEY_TIMEOUT);
             if due {
                 prune(&mut self.last_need_route, now, self.limits.max_rate_entries);
-                self.last_need_route.insert(dst, now);
+                self.last_need_route.insert(net, now);
                 self.push_event(Event::NeedRoute { dst });
             }
             return Ok(());
         };
-        if key.address() != dst {
-            self.counters.key_mismatch += 1;
-            self.push_event(Event::Failed { dst });
-            return Err(E2eError::KeyMismatch { dst, key });
-        }
-        self.start_handshake(now, dst, key);
+        self.start_handshake(now, key.address(), key);
         Ok(())
     }
 
@@ -629,7 +637,12 @@ impl SessionManager {
         s.confirmed = true;
         self.counters.sessions_confirmed += 1;
         let (peer, seq, role) = (s.peer, s.seq, s.role);
-        for idx in self.by_peer.get(&peer).cloned().unwrap_or_default() {
+        for idx in self
+            .by_peer
+            .get(&peer.subnet())
+            .cloned()
+            .unwrap_or_default()
+        {
             if let Some(other) = self.sessions.get_mut(&idx) {
                 if other.seq < seq && other.retire_at.is_none() {
                     other.retire_at = Some(now + PREVIOUS_SESSION_GRACE);
@@ -638,7 +651,7 @@ impl SessionManager {
         }
         // A responder session the peer sends on makes our own pending handshake pointless.
         if role == Role::Responder {
-            self.cancel_pending(peer);
+            self.cancel_pending(peer.subnet());
         }
     }
 
@@ -711,13 +724,25 @@ impl SessionManager {
         self.remember_timestamp(peer_key, payload.timestamp);
         // Glare: both ends initiated. The lower static key's handshake wins; the loser answers and
         // drops its own, the winner ignores the loser's (the loser will answer ours).
-        if let Some(&idx) = self.pending_by_dst.get(&peer) {
+        if let Some(&idx) = self.pending_by_dst.get(&peer.subnet()) {
             let sent = self.pending.get(&idx).is_some_and(|p| p.hs.is_some());
             if sent {
                 if self.public_key < peer_key {
+                    // Our earlier init may have been lost: send it again as soon as the rate
+                    // limit allows rather than at the backed-off retry time.
+                    let earliest = self
+                        .last_init
+                        .get(&peer.subnet())
+                        .map_or(now, |&t| (t + REKEY_TIMEOUT).max(now));
+                    if let Some(p) = self.pending.get_mut(&idx) {
+                        p.next_send = p.next_send.min(earliest);
+                    }
+                    if earliest <= now {
+                        self.send_init(now, idx);
+                    }
                     return Err(E2eError::Glare);
                 }
-                self.cancel_pending(peer);
+                self.cancel_pending(peer.subnet());
             }
         }
         let local_index = self.fresh_index();
@@ -765,7 +790,7 @@ impl SessionManager {
         let Some(p) = self.pending.remove(&index) else {
             return Err(E2eError::UnknownIndex(index));
         };
-        self.pending_by_dst.remove(&p.dst);
+        self.pending_by_dst.remove(&p.dst.subnet());
         self.add_session(
             now,
             index,
@@ -803,7 +828,7 @@ impl SessionManager {
         resend.sort_unstable();
         for idx in failed {
             if let Some(p) = self.pending.remove(&idx) {
-                self.pending_by_dst.remove(&p.dst);
+                self.pending_by_dst.remove(&p.dst.subnet());
                 self.counters.handshakes_failed += 1;
                 tracing::debug!(dst = %p.dst, "e2e handshake gave up");
                 self.push_event(Event::Failed { dst: p.dst });
@@ -812,20 +837,24 @@ impl SessionManager {
         for idx in resend {
             self.send_init(now, idx);
         }
-        let mut remove = Vec::new();
-        let mut rekey = Vec::new();
-        for (&idx, s) in &self.sessions {
-            if now >= s.expires() || s.retire_at.is_some_and(|t| now >= t) {
-                remove.push(idx);
-            } else if self.rekey_due(s).is_some_and(|t| now >= t) {
-                rekey.push(idx);
-            }
-        }
+        let mut remove: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now >= s.expires() || s.retire_at.is_some_and(|t| now >= t))
+            .map(|(&i, _)| i)
+            .collect();
         remove.sort_unstable();
-        rekey.sort_unstable();
         for idx in remove {
             self.remove_session(idx);
         }
+        // After the removals: a removed newer session can make an older one due for rekey.
+        let mut rekey: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| self.rekey_due(s).is_some_and(|t| now >= t))
+            .map(|(&i, _)| i)
+            .collect();
+        rekey.sort_unstable();
         for idx in rekey {
             if let Some(s) = self.sessions.get_mut(&idx) {
                 s.rekeyed = true;
@@ -836,7 +865,9 @@ impl SessionManager {
         }
     }
 
-    /// The next deadline at which [`handle_timeout`](Self::handle_timeout) has work, if any.
+    /// The next deadline at which [`handle_timeout`](Self::handle_timeout) has work, if any. It may
+    /// lie in the past after an input other than `handle_timeout` (e.g. an eviction made an older
+    /// session due for rekey): call `handle_timeout` at once then.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let pending = self
             .pending
@@ -878,7 +909,7 @@ impl SessionManager {
         }
         let newest = self
             .by_peer
-            .get(&s.peer)
+            .get(&s.peer.subnet())
             .into_iter()
             .flatten()
             .filter_map(|i| self.sessions.get(i))
@@ -886,9 +917,9 @@ impl SessionManager {
         newest.then(|| s.created + REKEY_AFTER_TIME)
     }
 
-    fn has_fresh_session(&self, now: Instant, dst: OverlayAddr) -> bool {
+    fn has_fresh_session(&self, now: Instant, net: Subnet) -> bool {
         self.by_peer
-            .get(&dst)
+            .get(&net)
             .into_iter()
             .flatten()
             .filter_map(|i| self.sessions.get(i))
@@ -896,7 +927,8 @@ impl SessionManager {
     }
 
     fn start_handshake(&mut self, now: Instant, dst: OverlayAddr, key: PublicKey) {
-        if self.pending_by_dst.contains_key(&dst) {
+        let net = dst.subnet();
+        if self.pending_by_dst.contains_key(&net) {
             return;
         }
         while self.pending.len() >= self.limits.max_handshakes {
@@ -907,12 +939,12 @@ impl SessionManager {
                 .map(|(&i, _)| i);
             let Some(idx) = oldest else { break };
             if let Some(p) = self.pending.remove(&idx) {
-                self.pending_by_dst.remove(&p.dst);
+                self.pending_by_dst.remove(&p.dst.subnet());
                 self.counters.handshakes_evicted += 1;
                 self.push_event(Event::Failed { dst: p.dst });
             }
         }
-        let next_send = match self.last_init.get(&dst) {
+        let next_send = match self.last_init.get(&net) {
             Some(&t) => (t + REKEY_TIMEOUT).max(now),
             None => now,
         };
@@ -928,7 +960,7 @@ impl SessionManager {
                 hs: None,
             },
         );
-        self.pending_by_dst.insert(dst, index);
+        self.pending_by_dst.insert(net, index);
         if next_send <= now {
             self.send_init(now, index);
         }
@@ -966,7 +998,7 @@ impl SessionManager {
                 }
                 self.counters.inits_sent += 1;
                 prune(&mut self.last_init, now, self.limits.max_rate_entries);
-                self.last_init.insert(dst, now);
+                self.last_init.insert(dst.subnet(), now);
                 self.queue_transmit(dst, Kind::HandshakeInit, 0, &msg);
             }
             Err(e) => tracing::warn!(error = %e, "e2e handshake initiation failed locally"),
@@ -1013,8 +1045,8 @@ impl SessionManager {
         Ok(())
     }
 
-    fn cancel_pending(&mut self, dst: OverlayAddr) {
-        if let Some(idx) = self.pending_by_dst.remove(&dst) {
+    fn cancel_pending(&mut self, net: Subnet) {
+        if let Some(idx) = self.pending_by_dst.remove(&net) {
             self.pending.remove(&idx);
         }
     }
@@ -1039,9 +1071,13 @@ impl SessionManager {
         let peer = s.peer;
         // Make room: per peer, then unconfirmed responder sessions, then overall. Unconfirmed
         // sessions go first, oldest first.
-        let peer_count = self.by_peer.get(&peer).map_or(0, Vec::len);
+        let peer_count = self.by_peer.get(&peer.subnet()).map_or(0, Vec::len);
         if peer_count >= self.limits.max_sessions_per_peer {
-            let list = self.by_peer.get(&peer).cloned().unwrap_or_default();
+            let list = self
+                .by_peer
+                .get(&peer.subnet())
+                .cloned()
+                .unwrap_or_default();
             self.evict_one(list.into_iter(), |_| true);
         }
         if s.role == Role::Responder {
@@ -1076,7 +1112,10 @@ impl SessionManager {
         };
         tracing::debug!(%peer, local_index, role = ?s.role, "e2e session installed");
         self.sessions.insert(local_index, s);
-        self.by_peer.entry(peer).or_default().push(local_index);
+        self.by_peer
+            .entry(peer.subnet())
+            .or_default()
+            .push(local_index);
         self.counters.sessions_installed += 1;
         self.push_event(event);
     }
@@ -1103,10 +1142,10 @@ impl SessionManager {
         let Some(s) = self.sessions.remove(&local_index) else {
             return;
         };
-        if let Some(list) = self.by_peer.get_mut(&s.peer) {
+        if let Some(list) = self.by_peer.get_mut(&s.peer.subnet()) {
             list.retain(|&i| i != local_index);
             if list.is_empty() {
-                self.by_peer.remove(&s.peer);
+                self.by_peer.remove(&s.peer.subnet());
             }
         }
         self.counters.sessions_removed += 1;
@@ -1153,7 +1192,7 @@ fn noise(e: NoiseError) -> E2eError {
 
 /// Drops entries older than [`REKEY_TIMEOUT`] (they no longer limit anything) once the table is
 /// full, and the oldest ones if it is still full.
-fn prune(map: &mut HashMap<OverlayAddr, Instant>, now: Instant, cap: usize) {
+fn prune(map: &mut HashMap<Subnet, Instant>, now: Instant, cap: usize) {
     if map.len() < cap {
         return;
     }
