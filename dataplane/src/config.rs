@@ -142,7 +142,7 @@ impl StaticConfig {
                     prefix(&r.prefix)?,
                     NextHop {
                         peer: r.peer,
-                        metric: r.metric.into(),
+                        metric: r.metric,
                     },
                 ))
             })

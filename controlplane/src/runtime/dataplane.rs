@@ -704,6 +704,19 @@ impl Underlay for ShmUnderlay {
                 }
             }
         }
+        if let Some(peers) = v.get("per_peer").and_then(|r| r.as_array()) {
+            for peer in peers {
+                let Some(endpoint) = peer.get("endpoint").and_then(|e| e.as_str()) else {
+                    continue;
+                };
+                let g = out.entry(format!("dataplane_peer_{endpoint}")).or_default();
+                for k in ["tx_packets", "tx_bytes", "rx_packets", "rx_bytes"] {
+                    if let Some(n) = peer.get(k).and_then(|x| x.as_u64()) {
+                        g.insert(k.into(), n);
+                    }
+                }
+            }
+        }
         if let Some(rows) = v.get("per_thread").and_then(|r| r.as_array()) {
             for (i, row) in rows.iter().enumerate() {
                 let Some(obj) = row.as_object() else {
