@@ -11,6 +11,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,10 +53,25 @@ impl Handoff {
     }
 
     /// Serves attach and stats requests until `shared.stop` is set (on its own thread).
+    ///
+    /// One control plane at a time: the parent that spawned us with the region counts as attached
+    /// until it dies (our parent pid changes), an attached one until its connection closes; an
+    /// attach request meanwhile is refused (two producers on one ring would corrupt it).
     pub fn serve(self, region: Arc<Region>, shared: Arc<Shared>) {
+        let attached = Arc::new(AtomicBool::new(true));
+        let parent = std::os::unix::process::parent_id();
+        let mut parent_alive = true;
         while !shared.stopping() {
+            if parent_alive && std::os::unix::process::parent_id() != parent {
+                parent_alive = false;
+                attached.store(false, Ordering::Release);
+                tracing::warn!(
+                    "control plane (our parent) gone; forwarding continues on the last state \
+                     until a control plane attaches again"
+                );
+            }
             match self.listener.accept() {
-                Ok((conn, _)) => self.answer(conn, &region, &shared),
+                Ok((conn, _)) => self.answer(conn, &region, &shared, &attached),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -67,7 +83,13 @@ impl Handoff {
         }
     }
 
-    fn answer(&self, mut conn: UnixStream, region: &Arc<Region>, shared: &Arc<Shared>) {
+    fn answer(
+        &self,
+        mut conn: UnixStream,
+        region: &Arc<Region>,
+        shared: &Arc<Shared>,
+        attached: &Arc<AtomicBool>,
+    ) {
         let _ = conn.set_nonblocking(false);
         let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
         let mut cmd = [0u8; 1];
@@ -76,13 +98,19 @@ impl Handoff {
         }
         match cmd[0] {
             CMD_ATTACH => {
+                if attached.swap(true, Ordering::AcqRel) {
+                    tracing::warn!("attach refused: a control plane is attached");
+                    return;
+                }
                 if let Err(e) = handoff::send_region(&conn, region.fd_numbers(), std::process::id())
                 {
                     tracing::warn!("hand-over to a control plane failed: {e}");
+                    attached.store(false, Ordering::Release);
                     return;
                 }
                 tracing::info!("control plane attached");
                 let _ = conn.set_read_timeout(None);
+                let attached = Arc::clone(attached);
                 // The control plane never writes after attaching: end-of-file (or an error) means
                 // it is gone.
                 let watch = std::thread::Builder::new()
@@ -90,6 +118,7 @@ impl Handoff {
                     .spawn(move || {
                         let mut sink = [0u8; 64];
                         while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+                        attached.store(false, Ordering::Release);
                         tracing::warn!(
                             "control plane gone; forwarding continues on the last state until a \
                              control plane attaches again"

@@ -91,6 +91,10 @@ impl DataplaneOptions {
 /// Why the dataplane could not be started or attached.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
+    /// This node's dataplane runs but refused to hand over its region: another control plane
+    /// of the same node is attached (or the socket misbehaved).
+    #[error("this node's dataplane is running but would not hand over its region (another hypha run for this key?): {0}")]
+    Busy(handoff::HandoffError),
     /// The shared-memory region failed.
     #[error("shared memory: {0}")]
     Shm(#[from] hypha_proto::shm::ShmError),
@@ -248,10 +252,16 @@ impl ShmUnderlay {
                 });
                 me.begin_replay(now, me.opts.resync_hold);
             }
-            Err(e) => {
+            Err(handoff::HandoffError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 tracing::debug!("no running dataplane to attach to ({e}); starting one");
                 me.spawn(now)?;
             }
+            Err(e) => return Err(DataplaneError::Busy(e)),
         }
         me.start_stats_poller();
         Ok(me)
