@@ -196,9 +196,9 @@ pub struct RunArgs {
     /// Name of the TUN device [default: hypha0].
     #[arg(long = "tun-name", value_name = "NAME")]
     pub tun_name: Option<String>,
-    /// Load the XDP fast path in the dataplane.
-    #[arg(long = "xdp")]
-    pub xdp: bool,
+    /// The dataplane's XDP fast path: off, generic, driver or auto [default: hypha-dp's, auto].
+    #[arg(long = "xdp", value_name = "MODE")]
+    pub xdp: Option<String>,
     /// Runtime directory (dataplane hand-over socket) [default: /run/hypha/<overlay address>].
     #[arg(long = "runtime-dir", value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
@@ -306,7 +306,7 @@ pub struct DataplaneArgs {
     /// See [`RunArgs::tun_name`].
     pub tun_name: Option<String>,
     /// See [`RunArgs::xdp`].
-    pub xdp: bool,
+    pub xdp: Option<String>,
     /// See [`RunArgs::runtime_dir`].
     pub runtime_dir: Option<PathBuf>,
 }
@@ -422,7 +422,7 @@ impl RunConfig {
                 workers: args.workers,
                 no_tun: args.no_tun,
                 tun_name: args.tun_name.clone(),
-                xdp: args.xdp,
+                xdp: args.xdp.clone(),
                 runtime_dir: args.runtime_dir.clone(),
             },
         })

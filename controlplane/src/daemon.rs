@@ -41,7 +41,7 @@ fn dataplane_options(config: &RunConfig, addr: std::net::Ipv6Addr) -> DataplaneO
         workers: config.dataplane.workers,
         no_tun: config.dataplane.no_tun,
         tun_name: config.dataplane.tun_name.clone(),
-        xdp: config.dataplane.xdp,
+        xdp: config.dataplane.xdp.clone(),
         runtime_dir: config
             .dataplane
             .runtime_dir

@@ -42,6 +42,7 @@ use crate::pool::{BufLayout, PacketPool};
 use crate::session::{Cipher, Session, SessionParams};
 use crate::state::{upper64, Shared};
 use crate::udp;
+use crate::xdp::XdpFastPath;
 
 /// How often counters go up the ring and expired sessions are removed.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -117,6 +118,9 @@ pub struct Control {
     /// Static sessions to renew, and when they were last renewed.
     static_sessions: Vec<SessionParams>,
     renewed: Instant,
+    xdp: Option<XdpFastPath>,
+    /// The FIB or peer set changed since the XDP maps were last synced.
+    xdp_dirty: bool,
 }
 
 impl core::fmt::Debug for Control {
@@ -159,6 +163,52 @@ impl Control {
             stats: None,
             static_sessions: Vec::new(),
             renewed: Instant::from_micros(0),
+            xdp: None,
+            xdp_dirty: false,
+        }
+    }
+
+    /// Hands the XDP fast path to the control thread, which keeps its maps in step with the FIB
+    /// and peer set from now on (synced once right away).
+    pub fn set_xdp(&mut self, xdp: XdpFastPath) {
+        self.xdp = Some(xdp);
+        self.xdp_dirty = true;
+        self.sync_xdp();
+    }
+
+    /// The XDP fast path, if one is loaded.
+    pub fn xdp(&self) -> Option<&XdpFastPath> {
+        self.xdp.as_ref()
+    }
+
+    /// Detaches and unpins the XDP fast path (clean exit).
+    pub fn shutdown_xdp(&mut self) {
+        if let Some(x) = self.xdp.take() {
+            x.shutdown();
+        }
+    }
+
+    /// Writes FIB and peer changes into the XDP maps. A failure unloads nothing: it is logged,
+    /// and retried at the next change.
+    fn sync_xdp(&mut self) {
+        if !self.xdp_dirty {
+            return;
+        }
+        self.xdp_dirty = false;
+        let Some(x) = &mut self.xdp else {
+            return;
+        };
+        let fib = self.shared.fib.load();
+        let peers = self.shared.peers.load();
+        match x.sync(&fib, &peers) {
+            Ok((written, removed)) if written + removed > 0 => {
+                tracing::debug!(written, removed, "XDP maps updated");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("updating the XDP maps: {e}");
+                self.xdp_dirty = true;
+            }
         }
     }
 
@@ -191,6 +241,8 @@ impl Control {
         }
         self.static_sessions = cfg.sessions.clone();
         self.renewed = now;
+        self.xdp_dirty = true;
+        self.sync_xdp();
         tracing::info!(
             peers = cfg.peers.len(),
             routes = cfg.routes.len(),
@@ -212,6 +264,16 @@ impl Control {
 
     /// Applies one record from the down-ring.
     pub fn apply(&mut self, record: &Record<'_>) {
+        if matches!(
+            record,
+            Record::RouteAdd(_)
+                | Record::RouteRemove(_)
+                | Record::PeerUp(_)
+                | Record::PeerDown(_)
+                | Record::Resync(Resync::End { .. })
+        ) {
+            self.xdp_dirty = true;
+        }
         match record {
             Record::RouteAdd(entries) => {
                 self.batch.clear();
@@ -527,7 +589,21 @@ impl Control {
 
     /// The JSON document the stats endpoint serves.
     pub fn stats_json(&self) -> serde_json::Value {
-        stats_json(&self.shared)
+        let mut doc = stats_json(&self.shared);
+        if let Some(x) = &self.xdp {
+            let j = x.stats_json();
+            // The XDP counters also sit among the others (`xdp_` names) for `hypha stats`.
+            if let (Some(all), Some(xc)) = (
+                doc.get_mut("counters").and_then(|c| c.as_object_mut()),
+                j["counters"].as_object(),
+            ) {
+                all.extend(xc.clone());
+            }
+            if let Some(obj) = doc.as_object_mut() {
+                obj.insert("xdp".into(), j);
+            }
+        }
+        doc
     }
 
     fn answer_stats(&mut self) {
@@ -602,6 +678,7 @@ impl Control {
                 }
                 None => std::thread::sleep(Duration::from_millis(50)),
             }
+            self.sync_xdp();
             let now = self.shared.clock.now();
             let publish = now.saturating_duration_since(last) >= HOUSEKEEPING;
             if publish {

@@ -8,7 +8,8 @@
 //! segmentation and coalescing of offloaded super-packets ([`vnet`], [`gso`]).
 //! I/O: the TUN device ([`tun`]), the UDP sockets ([`udp`]), the io_uring wrapper ([`ring`]) and
 //! the workers that drive them ([`worker`]), and the control thread that applies the control
-//! plane's shm records or a static configuration ([`control`], [`config`]). `unsafe` is allowed
+//! plane's shm records or a static configuration ([`control`], [`config`]), and the XDP fast path's
+//! loader ([`xdp`]). `unsafe` is allowed
 //! only in the modules that make system calls (tun, udp, ring, worker).
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
@@ -30,3 +31,4 @@ pub mod tun;
 pub mod udp;
 pub mod vnet;
 pub mod worker;
+pub mod xdp;

@@ -25,6 +25,7 @@ use hypha_dataplane::state::{upper64, PeerTable, Shared, UpLink};
 use hypha_dataplane::tun::{Offloads, Tun};
 use hypha_dataplane::udp;
 use hypha_dataplane::worker::{self, WorkerSetup};
+use hypha_dataplane::xdp::{XdpConfig, XdpFastPath, XdpSetting};
 use hypha_proto::shm::{FdNumbers, Region, RegionFds, Role, SHM_FDS_ENV};
 use hypha_proto::time::Clock;
 
@@ -68,6 +69,16 @@ struct Args {
     /// Serve the counters as JSON (HTTP/1.0) on this address, e.g. 127.0.0.1:9652.
     #[arg(long, value_name = "ADDR")]
     stats_listen: Option<SocketAddr>,
+    /// XDP fast path: off, generic, driver, or auto (driver, falling back to generic).
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    xdp: XdpSetting,
+    /// Underlay interface to attach XDP to (repeatable); default: the interfaces the peers are
+    /// reached through.
+    #[arg(long = "xdp-iface", value_name = "IFACE")]
+    xdp_ifaces: Vec<String>,
+    /// bpffs directory for the XDP pins (one subdirectory per node).
+    #[arg(long, default_value = "/sys/fs/bpf/hypha", value_name = "DIR")]
+    xdp_pin_root: PathBuf,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -188,6 +199,26 @@ fn run(args: Args) -> Result<(), String> {
         stop: AtomicBool::new(false),
     });
     let mut control = Control::new(shared.clone(), fib, send_fd, workers);
+    if args.xdp == XdpSetting::Off {
+        tracing::info!("XDP fast path off (--xdp off)");
+    } else {
+        let cfg = XdpConfig {
+            setting: args.xdp,
+            ifaces: args.xdp_ifaces.clone(),
+            port,
+            node: addr,
+            pin_root: args.xdp_pin_root.clone(),
+        };
+        match XdpFastPath::start(&cfg) {
+            Ok(x) => {
+                tracing::info!(pins = %x.pin_dir().display(), "XDP fast path loaded");
+                control.set_xdp(x);
+            }
+            Err(e) => tracing::warn!(
+                "XDP fast path not used ({e}); every packet takes the user-space path"
+            ),
+        }
+    }
     if let Some(cfg) = &config {
         control.apply_static(cfg).map_err(|e| e.to_string())?;
     }
@@ -258,6 +289,7 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(h) = handoff_thread {
         let _ = h.join();
     }
+    control.shutdown_xdp();
     tracing::info!("hypha-dp stopped");
     failed.map_or(Ok(()), Err)
 }

@@ -80,6 +80,10 @@ fn start(net: &TestNet, node: &Node, name: &str, cfg: &str) -> ProcHandle {
         "2",
         "--stats-listen",
         STATS,
+        // These tests exercise the user-space path (and inject datagrams from non-peers, which
+        // XDP would drop); tests/xdp.rs covers the fast path.
+        "--xdp",
+        "off",
     ])
     .env("RUST_LOG", "info");
     let p = node.spawn(name, cmd).unwrap();
@@ -510,6 +514,9 @@ fn measure_throughput_and_rtt() {
             &workers,
             "--stats-listen",
             STATS,
+            // User-space path only (tests/xdp.rs measures XDP on vs off).
+            "--xdp",
+            "off",
         ]);
         let p = node.spawn(name, cmd).unwrap();
         wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
@@ -623,6 +630,9 @@ fn measure_transit() {
             &workers,
             "--stats-listen",
             STATS,
+            // User-space path only (tests/xdp.rs measures XDP on vs off).
+            "--xdp",
+            "off",
         ]);
         let p = node.spawn(name, cmd).unwrap();
         wait_until(Duration::from_secs(10), Duration::from_millis(50), || {

@@ -73,8 +73,8 @@ pub struct DataplaneOptions {
     pub no_tun: bool,
     /// TUN device name (default: the dataplane's).
     pub tun_name: Option<String>,
-    /// Ask for the XDP fast path.
-    pub xdp: bool,
+    /// The XDP mode passed to `hypha-dp --xdp` (its default when `None`).
+    pub xdp: Option<String>,
     /// Runtime directory (hand-over socket, pid file).
     pub runtime_dir: PathBuf,
     /// After attaching to a running dataplane, how long old routes stay before `Resync::End`.
@@ -306,8 +306,8 @@ impl ShmUnderlay {
         if let Some(t) = &self.opts.tun_name {
             cmd.arg("--tun-name").arg(t);
         }
-        if self.opts.xdp {
-            cmd.arg("--xdp");
+        if let Some(mode) = &self.opts.xdp {
+            cmd.arg("--xdp").arg(mode);
         }
         region.share_with(&mut cmd);
         // SAFETY: runs in the forked child before exec and only calls sigprocmask, which is

@@ -1,0 +1,335 @@
+// SPDX-License-Identifier: Apache-2.0 OR GPL-2.0
+/*
+ * Hypha XDP fast path (DESIGN.md "XDP fast path", issue 7).
+ *
+ * Runs on the underlay interface(s) before the kernel stack. For UDP to the
+ * node's port (IPv4 or IPv6, no IP options or extension headers):
+ *  - from an address:port not in `allowed_peers`: link-handshake frames
+ *    (LINK_INIT/RESP/FINISH) pass to the control plane, which rate-limits
+ *    and checks them; everything else is dropped here;
+ *  - a DATA frame whose destination /64 is in `transit`: the hop limit is
+ *    decremented (hop limit <= 1 passes, so user space sends the ICMPv6
+ *    error), the outer addresses and ports are rewritten to the next hop,
+ *    checksums fixed incrementally (RFC 1624), and the frame leaves through
+ *    bpf_fib_lookup + bpf_redirect (XDP_TX on the same interface) without
+ *    ever reaching user space;
+ *  - anything else passes.
+ * Every packet is counted once in `counters` under the reason that decided it.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "maps.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+/* The node's UDP port; the loader overrides it (aya `override_global`). */
+volatile const __u16 hypha_port = 9651;
+/* TTL / hop limit of rewritten outer packets (they leave as if sent by us). */
+#define OUTER_TTL 64
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HYPHA_MAX_PEERS);
+	__type(key, struct peer_key);
+	__type(value, struct peer_value);
+} allowed_peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HYPHA_MAX_TRANSIT);
+	__type(key, struct transit_key);
+	__type(value, struct transit_value);
+} transit SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xdp_counters);
+} counters SEC(".maps");
+
+#define COUNT(c, field) \
+	do { \
+		if (c) \
+			(c)->field++; \
+	} while (0)
+
+/* RFC 1624 eqn. 3 accumulation: adds ~old + new for one 16-bit word. */
+static __always_inline __u32 csum_step(__u32 acc, __u16 old, __u16 new)
+{
+	return acc + (__u16)~old + new;
+}
+
+static __always_inline __u16 csum_finish(__u16 check, __u32 acc)
+{
+	acc += (__u16)~check;
+	acc = (acc & 0xffff) + (acc >> 16);
+	acc = (acc & 0xffff) + (acc >> 16);
+	return (__u16)~acc;
+}
+
+/* Adds the difference between `n` 16-bit words at `old` and at `new`. */
+static __always_inline __u32 csum_words(__u32 acc, const __u16 *old, const __u16 *new, int n)
+{
+#pragma clang loop unroll(full)
+	for (int i = 0; i < 8; i++) {
+		if (i < n)
+			acc = csum_step(acc, old[i], new[i]);
+	}
+	return acc;
+}
+
+/* Returns the XDP action for a DATA frame from a peer. `udp` and the 48-byte
+ * header after it are within bounds (checked by the caller). */
+static __always_inline int transit_v4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
+				      struct udphdr *udp, __u8 *hdr, const struct transit_value *nh,
+				      struct xdp_counters *c)
+{
+	if (nh->family != HYPHA_FAMILY_V4) {
+		COUNT(c, pass_family);
+		return XDP_PASS;
+	}
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(&fib.ipv4_src, nh->src, 4);
+	__builtin_memcpy(&fib.ipv4_dst, nh->addr, 4);
+	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		COUNT(c, pass_no_neigh);
+		return XDP_PASS;
+	}
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+		COUNT(c, pass_fib_other);
+		return XDP_PASS;
+	}
+
+	__u16 new_addrs[4];
+	__builtin_memcpy(new_addrs, nh->src, 4);
+	__builtin_memcpy(&new_addrs[2], nh->addr, 4);
+	__u16 new_ports[2] = { udp->dest, bpf_htons(nh->port) };
+	__u16 old_first = *(__u16 *)hdr;
+	__u8 new_first_b[2] = { hdr[0], hdr[HYPHA_DATA_HOP_LIMIT_OFF] - 1 };
+	__u16 new_first;
+	__builtin_memcpy(&new_first, new_first_b, 2);
+
+	/* IPv4 header checksum: addresses and the TTL/protocol word. */
+	__u16 *ttl_word = (__u16 *)&ip->ttl;
+	__u8 new_ttl_b[2] = { OUTER_TTL, ip->protocol };
+	__u16 new_ttl;
+	__builtin_memcpy(&new_ttl, new_ttl_b, 2);
+	__u32 acc = csum_words(0, (__u16 *)&ip->saddr, new_addrs, 4);
+	__u32 ip_acc = csum_step(acc, *ttl_word, new_ttl);
+	ip->check = csum_finish(ip->check, ip_acc);
+
+	/* UDP checksum (0 = none over IPv4): pseudo-header addresses, ports, hop limit. */
+	if (udp->check) {
+		acc = csum_words(acc, (__u16 *)&udp->source, new_ports, 2);
+		acc = csum_step(acc, old_first, new_first);
+		__u16 check = csum_finish(udp->check, acc);
+		udp->check = check ? check : 0xffff;
+	}
+
+	__builtin_memcpy(&ip->saddr, nh->src, 4);
+	__builtin_memcpy(&ip->daddr, nh->addr, 4);
+	ip->ttl = OUTER_TTL;
+	udp->source = new_ports[0];
+	udp->dest = new_ports[1];
+	hdr[HYPHA_DATA_HOP_LIMIT_OFF] = new_first_b[1];
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+
+	if (fib.ifindex == ctx->ingress_ifindex) {
+		COUNT(c, tx);
+		return XDP_TX;
+	}
+	COUNT(c, redirect);
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+static __always_inline int transit_v6(struct xdp_md *ctx, struct ethhdr *eth, struct ipv6hdr *ip6,
+				      struct udphdr *udp, __u8 *hdr, const struct transit_value *nh,
+				      struct xdp_counters *c)
+{
+	if (nh->family != HYPHA_FAMILY_V6) {
+		COUNT(c, pass_family);
+		return XDP_PASS;
+	}
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET6;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr);
+	fib.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(fib.ipv6_src, nh->src, 16);
+	__builtin_memcpy(fib.ipv6_dst, nh->addr, 16);
+	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		COUNT(c, pass_no_neigh);
+		return XDP_PASS;
+	}
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+		COUNT(c, pass_fib_other);
+		return XDP_PASS;
+	}
+
+	__u16 new_src[8], new_dst[8];
+	__builtin_memcpy(new_src, nh->src, 16);
+	__builtin_memcpy(new_dst, nh->addr, 16);
+	__u16 new_ports[2] = { udp->dest, bpf_htons(nh->port) };
+	__u16 old_first = *(__u16 *)hdr;
+	__u8 new_first_b[2] = { hdr[0], hdr[HYPHA_DATA_HOP_LIMIT_OFF] - 1 };
+	__u16 new_first;
+	__builtin_memcpy(&new_first, new_first_b, 2);
+
+	__u32 acc = csum_words(0, (__u16 *)&ip6->saddr, new_src, 8);
+	acc = csum_words(acc, (__u16 *)&ip6->daddr, new_dst, 8);
+	acc = csum_words(acc, (__u16 *)&udp->source, new_ports, 2);
+	acc = csum_step(acc, old_first, new_first);
+	__u16 check = csum_finish(udp->check, acc);
+	udp->check = check ? check : 0xffff;
+
+	__builtin_memcpy(&ip6->saddr, nh->src, 16);
+	__builtin_memcpy(&ip6->daddr, nh->addr, 16);
+	ip6->hop_limit = OUTER_TTL;
+	udp->source = new_ports[0];
+	udp->dest = new_ports[1];
+	hdr[HYPHA_DATA_HOP_LIMIT_OFF] = new_first_b[1];
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+
+	if (fib.ifindex == ctx->ingress_ifindex) {
+		COUNT(c, tx);
+		return XDP_TX;
+	}
+	COUNT(c, redirect);
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+SEC("xdp")
+int hypha_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 zero = 0;
+	struct xdp_counters *c = bpf_map_lookup_elem(&counters, &zero);
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end) {
+		COUNT(c, malformed);
+		return XDP_PASS;
+	}
+
+	struct peer_key pk;
+	__builtin_memset(&pk, 0, sizeof(pk));
+	struct iphdr *ip = NULL;
+	struct ipv6hdr *ip6 = NULL;
+	struct udphdr *udp;
+
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end) {
+			COUNT(c, malformed);
+			return XDP_PASS;
+		}
+		if (ip->protocol != IPPROTO_UDP) {
+			COUNT(c, pass_not_ours);
+			return XDP_PASS;
+		}
+		udp = (void *)(ip + 1);
+		if ((void *)(udp + 1) > data_end) {
+			COUNT(c, malformed);
+			return XDP_PASS;
+		}
+		if (udp->dest != bpf_htons(hypha_port)) {
+			COUNT(c, pass_not_ours);
+			return XDP_PASS;
+		}
+		/* IP options or fragments: leave them to the kernel. */
+		if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff))) {
+			COUNT(c, malformed);
+			return XDP_PASS;
+		}
+		__builtin_memcpy(pk.addr, &ip->saddr, 4);
+		pk.family = HYPHA_FAMILY_V4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end) {
+			COUNT(c, malformed);
+			return XDP_PASS;
+		}
+		if (ip6->nexthdr != IPPROTO_UDP) {
+			COUNT(c, pass_not_ours);
+			return XDP_PASS;
+		}
+		udp = (void *)(ip6 + 1);
+		if ((void *)(udp + 1) > data_end) {
+			COUNT(c, malformed);
+			return XDP_PASS;
+		}
+		if (udp->dest != bpf_htons(hypha_port)) {
+			COUNT(c, pass_not_ours);
+			return XDP_PASS;
+		}
+		__builtin_memcpy(pk.addr, &ip6->saddr, 16);
+		pk.family = HYPHA_FAMILY_V6;
+	} else {
+		COUNT(c, pass_not_ours);
+		return XDP_PASS;
+	}
+	pk.port = bpf_ntohs(udp->source);
+
+	__u8 *hdr = (void *)(udp + 1);
+	__u8 frame = 0;
+	if ((void *)(hdr + 1) <= data_end)
+		frame = hdr[0];
+
+	if (!bpf_map_lookup_elem(&allowed_peers, &pk)) {
+		if (frame == HYPHA_FRAME_LINK_INIT || frame == HYPHA_FRAME_LINK_RESP ||
+		    frame == HYPHA_FRAME_LINK_FINISH) {
+			COUNT(c, pass_handshake);
+			return XDP_PASS;
+		}
+		COUNT(c, drop_unknown_peer);
+		return XDP_DROP;
+	}
+
+	if (frame != HYPHA_FRAME_DATA || (void *)(hdr + HYPHA_DATA_HEADER_LEN) > data_end) {
+		COUNT(c, pass);
+		return XDP_PASS;
+	}
+	struct transit_key tk;
+	__builtin_memcpy(tk.prefix, hdr + HYPHA_DATA_DST_OFF, 8);
+	struct transit_value *nh = bpf_map_lookup_elem(&transit, &tk);
+	if (!nh) {
+		COUNT(c, pass);
+		return XDP_PASS;
+	}
+	if (hdr[HYPHA_DATA_HOP_LIMIT_OFF] <= 1) {
+		COUNT(c, pass_hop_limit);
+		return XDP_PASS;
+	}
+	if (ip)
+		return transit_v4(ctx, eth, ip, udp, hdr, nh, c);
+	if (ip6)
+		return transit_v6(ctx, eth, ip6, udp, hdr, nh, c);
+	COUNT(c, malformed);
+	return XDP_PASS;
+}
+
+/* bpf_fib_lookup and bpf_redirect are GPL-only helpers; this file is dual-licensed (SPDX line). */
+char LICENSE[] SEC("license") = "GPL";
