@@ -294,6 +294,51 @@ fn capture_data_packets(node: &Node, port: u16, dst: Ipv6Addr, dur: Duration) ->
     .expect("capture in namespace")
 }
 
+/// A UDP socket bound to `addr` with SO_REUSEPORT (joining the dataplane's port group).
+fn reuseport_socket(addr: SocketAddr) -> UdpSocket {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 only")
+    };
+    // SAFETY: plain socket(2); ownership goes to the UdpSocket below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket");
+    let one: libc::c_int = 1;
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: setsockopt with an int option and bind with a sockaddr_in of the right length, on
+    // the fd we just opened.
+    unsafe {
+        assert_eq!(
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEPORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            ),
+            0
+        );
+        assert_eq!(
+            libc::bind(
+                fd,
+                (&sin as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            ),
+            0,
+            "bind {addr}: {}",
+            std::io::Error::last_os_error()
+        );
+        UdpSocket::from_raw_fd(fd)
+    }
+}
+
 #[test]
 fn line_forwarding_replay_and_restarts() {
     let t0 = Instant::now();
@@ -367,9 +412,13 @@ fn line_forwarding_replay_and_restarts() {
     let counter = u64::from_be_bytes(flipped[8..16].try_into().expect("8 bytes")) + 1_000_000;
     flipped[8..16].copy_from_slice(&counter.to_be_bytes());
     flipped[48 + 3] ^= 0x10;
+    // Sent from b's own endpoint (b's link address, port 9651, shared through SO_REUSEPORT), as
+    // an on-path attacker would spoof it: a packet from an unknown source would already be
+    // dropped by the XDP program, before the replay window could see it.
+    let b_ip = o.links[&("b".to_string(), "c".to_string())].a().ipv4();
     o.node("b")
         .run_in(move || {
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let s = reuseport_socket(SocketAddr::new(b_ip.into(), PORT));
             s.send_to(&pkt, (c_ip, PORT)).expect("send replay");
             s.send_to(&flipped, (c_ip, PORT)).expect("send flipped");
         })
