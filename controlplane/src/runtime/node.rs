@@ -11,6 +11,15 @@
 //! interface whose neighbour is the peer's overlay address; Down → the interface goes and the peer
 //! is retried; Received(Babel) → `Router::handle_packet`), router output becomes LINK_DATA on the
 //! interface's link, and router install/uninstall events go to the [`FibSink`].
+//!
+//! With a dataplane the node also runs the E2E [`SessionManager`] and speaks to the dataplane in
+//! [`DataplaneCommand`]s (drain [`Node::poll_dataplane`] after every input too): links up/down
+//! become PeerUp/PeerDown, route installs RouteAdd/RouteRemove (next hop: the neighbour's
+//! endpoint), E2E installs SessionInstall/SessionRemove, handshake packets SendOverlay. Its inputs
+//! from the dataplane are [`Node::handle_no_session`] (start a handshake with the key that came
+//! with the route), [`Node::handle_no_route`] (a Babel route request) and
+//! [`Node::handle_local_packet`] (E2E handshakes; message-bus frames, which wait in
+//! [`Node::poll_bus_frame`]; [`Node::send_bus_frame`] is the way out).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
