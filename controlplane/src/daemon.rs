@@ -142,7 +142,16 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
     let start_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    // Who we are is known before the node runs (the dataplane may take a moment to attach).
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot {
+        admin: crate::api::AdminInfo {
+            node_subnet: identity.subnet.to_string(),
+            node_ip: identity.addr.to_string(),
+            node_pubkey: hex::encode(identity.public),
+            node_start_time: start_unix,
+        },
+        ..Snapshot::default()
+    }));
     let api = ApiServer::start(config.api_addr, Arc::clone(&snapshot))?;
 
     tracing::info!(

@@ -34,6 +34,8 @@ struct Overlay {
     dials: BTreeMap<String, Vec<SocketAddr>>,
     addrs: BTreeMap<String, Ipv6Addr>,
     links: BTreeMap<(String, String), hypha_testnet::Link>,
+    /// More `hypha run` flags for every node.
+    extra: Vec<String>,
 }
 
 impl Overlay {
@@ -50,6 +52,7 @@ impl Overlay {
             dials: BTreeMap::new(),
             addrs: BTreeMap::new(),
             links: BTreeMap::new(),
+            extra: Vec::new(),
         }
     }
 
@@ -98,6 +101,7 @@ impl Overlay {
         for p in self.dials.get(name).into_iter().flatten() {
             cmd.arg("--peers").arg(format!("udp://{p}"));
         }
+        cmd.args(&self.extra);
         cmd
     }
 
@@ -117,7 +121,7 @@ impl Overlay {
         let mut info = None;
         wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
             info = self.get::<AdminInfo>(name, "/api/v1/admin");
-            info.is_some()
+            info.as_ref().is_some_and(|i| i.node_ip.parse::<Ipv6Addr>().is_ok())
         })
         .unwrap_or_else(|_| panic!("{name}'s API never answered: {}", self.log(name)));
         let a: Ipv6Addr = info.expect("checked").node_ip.parse().expect("node_ip");
@@ -654,6 +658,10 @@ fn iperf_to(node: &Node, server: &Node, dst: &str, secs: u32, streams: u32) -> f
 #[ignore = "benchmark: run by hand in release mode"]
 fn bench_line_through_hypha_vs_bare_veth() {
     let mut o = Overlay::new("ovbench", &["a", "b", "c"]);
+    // HYPHA_BENCH_XDP=off|generic|driver|auto picks hypha-dp's XDP mode (default: its own).
+    if let Ok(mode) = std::env::var("HYPHA_BENCH_XDP") {
+        o.extra = vec!["--xdp".into(), mode];
+    }
     o.link("a", "b");
     o.link("b", "c");
     for n in ["a", "b", "c"] {
