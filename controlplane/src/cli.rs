@@ -48,13 +48,14 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Send, receive and track messages through the running node's API.
     Message(message::MessageArgs),
-    /// Run the node (for now routing only: requires --no-dataplane).
-    Run(hypha_controlplane::config::RunArgs),
+    /// Run the node: the control plane, which starts and supervises the dataplane (hypha-dp);
+    /// with --no-dataplane routing only.
+    Run(Box<hypha_controlplane::config::RunArgs>),
     /// Show the running node's peers (`list`, the default).
     Peers(hypha_controlplane::client::PeersArgs),
     /// Show the running node's routes (`selected`, the default, or `fallback`).
     Routes(hypha_controlplane::client::RoutesArgs),
-    /// Show the running node's counters (routing, links, message bus).
+    /// Show the running node's counters (control plane and dataplane, per subsystem and reason).
     Stats(hypha_controlplane::client::StatsArgs),
     /// Lab mode: run the Babel core alone as a standard RFC 8966 router on real interfaces
     /// (interoperable with babeld and BIRD), or `lab dump` a running one. See docs/lab.md.

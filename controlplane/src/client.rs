@@ -193,6 +193,37 @@ pub enum RoutesWhich {
     Fallback,
 }
 
+/// `hypha stats [--json]`: counters by subsystem, the dataplane's per-reason drops included.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatsArgs {
+    /// Address of the node's HTTP API.
+    #[arg(long = "api-addr", value_name = "ADDR", default_value_t = DEFAULT_API_ADDR)]
+    pub api_addr: SocketAddr,
+}
+
+/// Runs `hypha stats` (`json`: the global `--json`); errors go to stderr and exit with 1.
+pub fn stats(args: &StatsArgs, json: bool) -> ExitCode {
+    report(stats_text(args.api_addr, json))
+}
+
+/// The output of `hypha stats`: one `group.counter value` line per counter, or the JSON object.
+pub fn stats_text(addr: SocketAddr, json: bool) -> Result<String, ClientError> {
+    let v = get_json(addr, "/api/v1/admin/stats")?;
+    if json {
+        return pretty(&v);
+    }
+    let stats: crate::api::Stats = serde_json::from_value(v)?;
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .flat_map(|(group, counters)| {
+            counters
+                .iter()
+                .map(move |(name, value)| vec![format!("{group}.{name}"), value.to_string()])
+        })
+        .collect();
+    Ok(table(&["COUNTER", "VALUE"], &rows))
+}
+
 /// Runs `hypha peers` (`json`: the global `--json`); errors go to stderr and exit with 1.
 pub fn peers(args: &PeersArgs, json: bool) -> ExitCode {
     report(peers_text(args.api_addr, json))
@@ -247,37 +278,6 @@ pub fn routes_text(
     }
     let routes: Vec<RouteInfo> = serde_json::from_value(v)?;
     Ok(routes_table(&routes))
-}
-
-/// `hypha stats [--json]`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct StatsArgs {
-    /// Address of the node's HTTP API.
-    #[arg(long = "api-addr", value_name = "ADDR", default_value_t = DEFAULT_API_ADDR)]
-    pub api_addr: SocketAddr,
-}
-
-/// `hypha stats`: the node's counters, grouped by subsystem.
-pub fn stats(args: &StatsArgs, json: bool) -> ExitCode {
-    report(stats_text(args.api_addr, json))
-}
-
-/// The output of `hypha stats`: `group.counter value` lines, or the JSON.
-pub fn stats_text(addr: SocketAddr, json: bool) -> Result<String, ClientError> {
-    let v = get_json(addr, "/api/v1/admin/stats")?;
-    if json {
-        return pretty(&v);
-    }
-    let stats: crate::api::Stats = serde_json::from_value(v)?;
-    let rows: Vec<Vec<String>> = stats
-        .iter()
-        .flat_map(|(group, counters)| {
-            counters
-                .iter()
-                .map(move |(name, value)| vec![format!("{group}.{name}"), value.to_string()])
-        })
-        .collect();
-    Ok(table(&["COUNTER", "VALUE"], &rows))
 }
 
 /// The node's own identity (used by tests and tools).

@@ -181,9 +181,27 @@ pub struct RunArgs {
     /// Address of the local HTTP API [default: 127.0.0.1:8989].
     #[arg(long = "api-addr", value_name = "ADDR")]
     pub api_addr: Option<SocketAddr>,
-    /// Run routing only, with the control plane owning the UDP socket (required for now).
+    /// Run routing only, with the control plane owning the UDP socket (no hypha-dp, no TUN).
     #[arg(long = "no-dataplane")]
     pub no_dataplane: bool,
+    /// The hypha-dp executable [default: next to this executable].
+    #[arg(long = "dataplane-bin", value_name = "PATH")]
+    pub dataplane_bin: Option<PathBuf>,
+    /// Dataplane worker threads [default: one per core].
+    #[arg(long = "workers", value_name = "N")]
+    pub workers: Option<usize>,
+    /// Route and forward without a TUN device.
+    #[arg(long = "no-tun")]
+    pub no_tun: bool,
+    /// Name of the TUN device [default: hypha0].
+    #[arg(long = "tun-name", value_name = "NAME")]
+    pub tun_name: Option<String>,
+    /// The dataplane's XDP fast path: off, generic, driver or auto [default: hypha-dp's, auto].
+    #[arg(long = "xdp", value_name = "MODE")]
+    pub xdp: Option<String>,
+    /// Runtime directory (dataplane hand-over socket) [default: /run/hypha/<overlay address>].
+    #[arg(long = "runtime-dir", value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
     /// Babel hello interval, e.g. `4s` or `250ms` [default: 4s].
     #[arg(long = "hello-interval", value_name = "DURATION", value_parser = parse_duration_arg)]
     pub hello_interval: Option<Duration>,
@@ -272,6 +290,25 @@ pub struct RunConfig {
     pub hello_interval: Duration,
     /// Babel periodic update interval.
     pub update_interval: Duration,
+    /// The dataplane's settings (unused with `no_dataplane`).
+    pub dataplane: DataplaneArgs,
+}
+
+/// The dataplane flags of `hypha run`, passed through to `hypha-dp`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataplaneArgs {
+    /// See [`RunArgs::dataplane_bin`].
+    pub bin: Option<PathBuf>,
+    /// See [`RunArgs::workers`].
+    pub workers: Option<usize>,
+    /// See [`RunArgs::no_tun`].
+    pub no_tun: bool,
+    /// See [`RunArgs::tun_name`].
+    pub tun_name: Option<String>,
+    /// See [`RunArgs::xdp`].
+    pub xdp: Option<String>,
+    /// See [`RunArgs::runtime_dir`].
+    pub runtime_dir: Option<PathBuf>,
 }
 
 impl fmt::Debug for RunConfig {
@@ -380,6 +417,14 @@ impl RunConfig {
             no_dataplane: args.no_dataplane || file.no_dataplane,
             hello_interval,
             update_interval,
+            dataplane: DataplaneArgs {
+                bin: args.dataplane_bin.clone(),
+                workers: args.workers,
+                no_tun: args.no_tun,
+                tun_name: args.tun_name.clone(),
+                xdp: args.xdp.clone(),
+                runtime_dir: args.runtime_dir.clone(),
+            },
         })
     }
 }

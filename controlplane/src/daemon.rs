@@ -19,12 +19,46 @@ use crate::bus::shared::{NoTransport, SharedBus};
 use crate::bus::BusConfig;
 use crate::config::{RunArgs, RunConfig};
 use crate::fib::FibTable;
+use crate::runtime::dataplane::{DataplaneOptions, ShmUnderlay};
 use crate::runtime::event_loop::EventLoop;
 use crate::runtime::node::{Identity, Node, NodeConfig};
 use crate::runtime::signals::Signals;
-use crate::runtime::udp;
+use crate::runtime::underlay::SocketUnderlay;
 use hypha_proto::addr::OverlayAddr;
 use hypha_proto::key::PublicKey;
+
+/// Where `hypha-dp` is: `--dataplane-bin`, else next to this executable.
+fn dataplane_bin(config: &RunConfig) -> std::path::PathBuf {
+    if let Some(b) = &config.dataplane.bin {
+        return b.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("hypha-dp")))
+        .unwrap_or_else(|| "hypha-dp".into())
+}
+
+fn dataplane_options(config: &RunConfig, addr: std::net::Ipv6Addr) -> DataplaneOptions {
+    DataplaneOptions {
+        bin: dataplane_bin(config),
+        addr,
+        port: config.port,
+        workers: config.dataplane.workers,
+        no_tun: config.dataplane.no_tun,
+        tun_name: config.dataplane.tun_name.clone(),
+        xdp: config.dataplane.xdp.clone(),
+        runtime_dir: config
+            .dataplane
+            .runtime_dir
+            .clone()
+            .unwrap_or_else(|| DataplaneOptions::default_runtime_dir(addr)),
+        // Long enough for links to come back and Babel to relearn the routes.
+        resync_hold: (config.hello_interval * 8).clamp(
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(40),
+        ),
+    }
+}
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +81,9 @@ pub enum DaemonError {
     /// The signal fd could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    /// The dataplane could not be started.
+    #[error(transparent)]
+    Dataplane(#[from] crate::runtime::dataplane::DataplaneError),
     /// The event loop failed.
     #[error("event loop failed: {0}")]
     Loop(std::io::Error),
@@ -61,13 +98,6 @@ pub fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !config.no_dataplane {
-        eprintln!(
-            "error: the dataplane (hypha-dp) is not available yet; run the control plane alone with \
-             --no-dataplane (or `no_dataplane = true` in the config file)"
-        );
-        return ExitCode::from(2);
-    }
     match run_node(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -113,24 +143,20 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
             "the API listens on a non-loopback address and has no authentication"
         );
     }
-    let (socket, dual_stack) = udp::bind(config.port).map_err(|source| DaemonError::Bind {
-        port: config.port,
-        source,
-    })?;
-
     let clock = Clock::new();
     let start_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let seed: u64 = rand::random();
-    let node = Node::new(
-        identity.clone(),
-        &NodeConfig::from_run(config, seed),
-        FibTable::new(),
-        clock.now(),
-    );
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
-    snapshot.store(Arc::new(node.snapshot(start_unix)));
+    // Who we are is known before the node runs (the dataplane may take a moment to attach).
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot {
+        admin: crate::api::AdminInfo {
+            node_subnet: identity.subnet.to_string(),
+            node_ip: identity.addr.to_string(),
+            node_pubkey: hex::encode(identity.public),
+            node_start_time: start_unix,
+        },
+        ..Snapshot::default()
+    }));
     // The message bus. Without a dataplane there are no E2E sessions, so only messages to our own
     // address are delivered; frames for other nodes are dropped and retransmitted until their
     // deadline (the dataplane integration replaces NoTransport).
@@ -179,12 +205,38 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
         api = %api.local_addr(),
         peers = config.peers.len(),
         private_network = config.network_key.is_some(),
-        "hypha node running (no dataplane: routing only)"
+        dataplane = !config.no_dataplane,
+        "hypha node running"
     );
-    let mut event_loop = EventLoop::new(
-        node, socket, dual_stack, signals, clock, snapshot, start_unix,
-    );
-    let signo = event_loop.run().map_err(DaemonError::Loop)?;
+    let seed: u64 = rand::random();
+    let node_config = NodeConfig::from_run(config, seed);
+    let new_node = |cfg: &NodeConfig| {
+        let node = Node::new(identity.clone(), cfg, FibTable::new(), clock.now());
+        snapshot.store(Arc::new(node.snapshot(start_unix)));
+        node
+    };
+    let signo = if config.no_dataplane {
+        let underlay = SocketUnderlay::bind(config.port).map_err(|source| DaemonError::Bind {
+            port: config.port,
+            source,
+        })?;
+        let node = new_node(&node_config);
+        EventLoop::new(node, underlay, signals, clock, snapshot.clone(), start_unix)
+            .run()
+            .map_err(DaemonError::Loop)?
+    } else {
+        let underlay = ShmUnderlay::start(dataplane_options(config, identity.addr), clock)?;
+        let mut cfg = node_config.clone();
+        for n in underlay.inherited_neighbours() {
+            if !cfg.peers.contains(n) {
+                cfg.peers.push(*n);
+            }
+        }
+        let node = new_node(&cfg);
+        EventLoop::new(node, underlay, signals, clock, snapshot.clone(), start_unix)
+            .run()
+            .map_err(DaemonError::Loop)?
+    };
     tracing::info!(signal = signo, "shutting down");
     drop(api);
     Ok(())

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     init_logging();
     match &cli.command {
         Command::Run(args) => {
-            let mut args = args.clone();
+            let mut args = (**args).clone();
             // `-k` is global with a default; only a key file given on the command line overrides
             // the config file's.
             if matches.value_source("key_file") == Some(ValueSource::CommandLine) {

@@ -62,11 +62,31 @@ fn free_api_addr() -> SocketAddr {
 }
 
 #[test]
-fn run_without_no_dataplane_says_why_and_exits_2() {
-    let o = run(&["run"]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("dataplane"), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--no-dataplane"), "{}", stderr(&o));
+fn run_with_a_missing_dataplane_names_it_and_exits_1() {
+    let dir = Dir::new("nodp");
+    let key = dir.0.join("k.bin");
+    let port = free_udp_port().to_string();
+    let api = free_api_addr().to_string();
+    let runtime = dir.0.join("run");
+    let o = run(&[
+        "run",
+        "-k",
+        key.to_str().expect("utf-8 path"),
+        "-p",
+        &port,
+        "--api-addr",
+        &api,
+        "--runtime-dir",
+        runtime.to_str().expect("utf-8 path"),
+        "--dataplane-bin",
+        "/nonexistent/hypha-dp",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/hypha-dp"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -61,6 +61,46 @@ struct Staging {
     sessions: HashSet<u32>,
 }
 
+/// The counters and table sizes of a running dataplane, as the stats endpoint and the hand-over
+/// socket serve them (`hypha stats --json` shows this under `dataplane`).
+pub fn stats_json(shared: &Shared) -> serde_json::Value {
+    let c = &shared.counters;
+    let workers: Vec<_> = (0..c.rows()).map(|i| c.row_snapshot(i).to_json()).collect();
+    serde_json::json!({
+        "address": shared.addr.to_string(),
+        "pid": std::process::id(),
+        "counters": c.snapshot().to_json(),
+        "per_thread": workers,
+        "routes": shared.fib.load().len(),
+        "sessions": shared.sessions.load().len(),
+        "peers": shared.peers.load().iter().count(),
+        "per_peer": per_peer_json(shared),
+    })
+}
+
+/// Packets and bytes per neighbour (ids are the dataplane's dense peer ids).
+fn per_peer_json(shared: &Shared) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let peers = shared.peers.load();
+    peers
+        .iter()
+        .map(|(id, a)| {
+            let st = peers.stats(id);
+            let get = |f: fn(&crate::state::PeerStats) -> &std::sync::atomic::AtomicU64| {
+                st.map_or(0, |s| f(s).load(Relaxed))
+            };
+            serde_json::json!({
+                "id": id,
+                "endpoint": a.addr.to_string(),
+                "tx_packets": get(|s| &s.tx_packets),
+                "tx_bytes": get(|s| &s.tx_bytes),
+                "rx_packets": get(|s| &s.rx_packets),
+                "rx_bytes": get(|s| &s.rx_bytes),
+            })
+        })
+        .collect()
+}
+
 /// The control thread's state.
 pub struct Control {
     shared: Arc<Shared>,
@@ -549,54 +589,21 @@ impl Control {
 
     /// The JSON document the stats endpoint serves.
     pub fn stats_json(&self) -> serde_json::Value {
-        let c = &self.shared.counters;
-        let workers: Vec<_> = (0..c.rows()).map(|i| c.row_snapshot(i).to_json()).collect();
-        let mut counters = c.snapshot().to_json();
-        let xdp = match &self.xdp {
-            Some(x) => {
-                let j = x.stats_json();
-                // The XDP counters also sit among the others (`xdp_` names) for `hypha stats`.
-                if let (Some(all), Some(xc)) = (counters.as_object_mut(), j["counters"].as_object())
-                {
-                    all.extend(xc.clone());
-                }
-                j
+        let mut doc = stats_json(&self.shared);
+        if let Some(x) = &self.xdp {
+            let j = x.stats_json();
+            // The XDP counters also sit among the others (`xdp_` names) for `hypha stats`.
+            if let (Some(all), Some(xc)) = (
+                doc.get_mut("counters").and_then(|c| c.as_object_mut()),
+                j["counters"].as_object(),
+            ) {
+                all.extend(xc.clone());
             }
-            None => serde_json::Value::Null,
-        };
-        serde_json::json!({
-            "address": self.shared.addr.to_string(),
-            "counters": counters,
-            "xdp": xdp,
-            "per_thread": workers,
-            "routes": self.shared.fib.load().len(),
-            "sessions": self.shared.sessions.load().len(),
-            "peers": self.shared.peers.load().iter().count(),
-            "per_peer": self.per_peer_json(),
-        })
-    }
-
-    fn per_peer_json(&self) -> serde_json::Value {
-        use std::sync::atomic::Ordering::Relaxed;
-        let peers = self.shared.peers.load();
-        let shm_ids: HashMap<PeerId, u64> = self.peer_ids.iter().map(|(k, v)| (*v, *k)).collect();
-        peers
-            .iter()
-            .map(|(id, a)| {
-                let st = peers.stats(id);
-                let get = |f: fn(&crate::state::PeerStats) -> &std::sync::atomic::AtomicU64| {
-                    st.map_or(0, |s| f(s).load(Relaxed))
-                };
-                serde_json::json!({
-                    "id": shm_ids.get(&id).copied().unwrap_or(u64::from(id)),
-                    "endpoint": a.addr.to_string(),
-                    "tx_packets": get(|s| &s.tx_packets),
-                    "tx_bytes": get(|s| &s.tx_bytes),
-                    "rx_packets": get(|s| &s.rx_packets),
-                    "rx_bytes": get(|s| &s.rx_bytes),
-                })
-            })
-            .collect()
+            if let Some(obj) = doc.as_object_mut() {
+                obj.insert("xdp".into(), j);
+            }
+        }
+        doc
     }
 
     fn answer_stats(&mut self) {

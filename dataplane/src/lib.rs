@@ -20,6 +20,7 @@ pub mod counters;
 pub mod fib;
 pub mod forward;
 pub mod gso;
+pub mod handoff;
 pub mod icmp;
 pub mod pool;
 pub mod replay;

@@ -19,6 +19,7 @@ use hypha_dataplane::config::StaticConfig;
 use hypha_dataplane::control::Control;
 use hypha_dataplane::counters::CounterSet;
 use hypha_dataplane::fib::FibUpdater;
+use hypha_dataplane::handoff::Handoff;
 use hypha_dataplane::session::SessionTable;
 use hypha_dataplane::state::{upper64, PeerTable, Shared, UpLink};
 use hypha_dataplane::tun::{Offloads, Tun};
@@ -61,6 +62,10 @@ struct Args {
     /// TUN MTU.
     #[arg(long, default_value_t = DEFAULT_MTU)]
     mtu: u32,
+    /// Runtime directory for the hand-over socket and pid file (default:
+    /// /run/hypha/<overlay address>; only with a shm region).
+    #[arg(long, value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
     /// Serve the counters as JSON (HTTP/1.0) on this address, e.g. 127.0.0.1:9652.
     #[arg(long, value_name = "ADDR")]
     stats_listen: Option<SocketAddr>,
@@ -222,6 +227,25 @@ fn run(args: Args) -> Result<(), String> {
         control.serve_stats(l).map_err(|e| e.to_string())?;
     }
 
+    // The hand-over socket: a restarted control plane finds this dataplane through it.
+    let mut handoff_thread = None;
+    if let Some(region) = region {
+        let dir = args.runtime_dir.clone().unwrap_or_else(|| {
+            hypha_proto::shm::handoff::runtime_dir(
+                std::path::Path::new(hypha_proto::shm::handoff::RUNTIME_BASE),
+                addr,
+            )
+        });
+        let handoff = Handoff::bind(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (r, s) = (Arc::new(region), shared.clone());
+        handoff_thread = Some(
+            std::thread::Builder::new()
+                .name("hypha-dp-handoff".into())
+                .spawn(move || handoff.serve(r, s))
+                .map_err(|e| e.to_string())?,
+        );
+    }
+
     let mut tun_iter = tun_queues.map(Vec::into_iter);
     let mut handles = Vec::with_capacity(workers);
     for (index, (udp, udp_gso)) in sockets.into_iter().enumerate() {
@@ -262,6 +286,9 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     let _ = watcher.join();
+    if let Some(h) = handoff_thread {
+        let _ = h.join();
+    }
     control.shutdown_xdp();
     tracing::info!("hypha-dp stopped");
     failed.map_or(Ok(()), Err)

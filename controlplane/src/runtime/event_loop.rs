@@ -1,9 +1,11 @@
-//! The mio loop: the UDP socket, the shutdown signals, and time, fed into one [`Node`].
+//! The mio loop: the underlay (own UDP socket or the dataplane's shm rings), the shutdown
+//! signals, and time, fed into one [`Node`].
 //!
 //! babeld's `timeval_min` loop with `now` passed explicitly: after every wakeup the loop reads what
 //! is readable, runs the node's timers, sends what the node queued, publishes the API snapshot when
 //! due, and sleeps until the earliest deadline. Socket interest comes from state (as in rustls'
 //! `event_set()`): WRITABLE is asked for only while a datagram waits after a full send buffer.
+//! Everything underlay-specific sits behind [`Underlay`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,13 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypha_proto::time::{Clock, Instant};
-use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::node::Node;
 use super::signals::Signals;
-use super::udp;
+use super::underlay::{Input, Underlay};
 use crate::api::SharedSnapshot;
 use crate::fib::FibSink;
 
@@ -35,24 +36,22 @@ const PUBLISH_MAX: Duration = Duration::from_secs(1);
 const RX_BUF: usize = 65_536;
 
 /// The loop's resources.
-pub struct EventLoop<F: FibSink> {
+pub struct EventLoop<F: FibSink, U: Underlay> {
     /// The node being driven.
     pub node: Node<F>,
-    socket: UdpSocket,
-    dual_stack: bool,
+    underlay: U,
     signals: Signals,
     clock: Clock,
     snapshot: SharedSnapshot,
     start_unix: u64,
 }
 
-impl<F: FibSink> EventLoop<F> {
-    /// Wraps a bound socket and the signal fd around `node`. `clock` must be the clock whose `now`
+impl<F: FibSink, U: Underlay> EventLoop<F, U> {
+    /// Wraps an underlay and the signal fd around `node`. `clock` must be the clock whose `now`
     /// the node was created with.
     pub fn new(
         node: Node<F>,
-        socket: UdpSocket,
-        dual_stack: bool,
+        underlay: U,
         signals: Signals,
         clock: Clock,
         snapshot: SharedSnapshot,
@@ -60,8 +59,7 @@ impl<F: FibSink> EventLoop<F> {
     ) -> Self {
         EventLoop {
             node,
-            socket,
-            dual_stack,
+            underlay,
             signals,
             clock,
             snapshot,
@@ -70,15 +68,24 @@ impl<F: FibSink> EventLoop<F> {
     }
 
     fn publish(&mut self) {
-        self.snapshot
-            .store(Arc::new(self.node.snapshot(self.start_unix)));
+        let mut snap = self.node.snapshot(self.start_unix);
+        self.underlay.stats(&mut snap.stats);
+        self.snapshot.store(Arc::new(snap));
     }
 
-    /// Runs until SIGINT or SIGTERM; returns the signal number.
+    /// Runs until SIGINT or SIGTERM; returns the signal number. A clean stop also stops the
+    /// dataplane (a killed control plane leaves it running: hitless restart).
     pub fn run(&mut self) -> io::Result<i32> {
+        let r = self.run_inner();
+        if r.is_ok() {
+            self.underlay.shutdown();
+        }
+        r
+    }
+
+    fn run_inner(&mut self) -> io::Result<i32> {
         let mut poll = Poll::new()?;
-        poll.registry()
-            .register(&mut self.socket, SOCKET, Interest::READABLE)?;
+        self.underlay.register(poll.registry(), SOCKET)?;
         let sigfd = self.signals.as_raw_fd();
         poll.registry()
             .register(&mut SourceFd(&sigfd), SIGNALS, Interest::READABLE)?;
@@ -92,6 +99,11 @@ impl<F: FibSink> EventLoop<F> {
 
         self.node.handle_timeout(self.clock.now());
         loop {
+            while let Some(cmd) = self.node.poll_dataplane() {
+                if let Err(e) = self.underlay.apply(cmd) {
+                    tracing::debug!(error = %e, "dataplane command failed");
+                }
+            }
             // Send what the node queued; keep the datagram that would block.
             loop {
                 let to = match pending.take() {
@@ -101,10 +113,7 @@ impl<F: FibSink> EventLoop<F> {
                         None => break,
                     },
                 };
-                match self
-                    .socket
-                    .send_to(&tx, udp::for_socket(to, self.dual_stack))
-                {
+                match self.underlay.send_to(to, &tx) {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         pending = Some(to);
@@ -119,13 +128,8 @@ impl<F: FibSink> EventLoop<F> {
             }
             let want_writable = pending.is_some();
             if want_writable != writable_interest {
-                let interest = if want_writable {
-                    Interest::READABLE | Interest::WRITABLE
-                } else {
-                    Interest::READABLE
-                };
-                poll.registry()
-                    .reregister(&mut self.socket, SOCKET, interest)?;
+                self.underlay
+                    .set_writable_interest(poll.registry(), SOCKET, want_writable)?;
                 writable_interest = want_writable;
             }
 
@@ -152,16 +156,25 @@ impl<F: FibSink> EventLoop<F> {
             });
 
             // Sleep until the earliest deadline.
-            let deadline = [self.node.poll_timeout(), next_publish]
-                .into_iter()
-                .flatten()
-                .min();
+            let deadline = [
+                self.node.poll_timeout(),
+                next_publish,
+                self.underlay.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            if !more_to_read && !self.underlay.prepare_sleep()? {
+                more_to_read = true;
+            }
             let timeout = if more_to_read {
                 Some(Duration::ZERO)
             } else {
                 deadline.map(|d| d.saturating_duration_since(self.clock.now()))
             };
-            match poll.poll(&mut events, timeout) {
+            let polled = poll.poll(&mut events, timeout);
+            self.underlay.woke();
+            match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -182,12 +195,19 @@ impl<F: FibSink> EventLoop<F> {
             if more_to_read {
                 let mut drained = false;
                 for _ in 0..RX_BATCH {
-                    match self.socket.recv_from(&mut rx) {
-                        Ok((n, from)) => {
-                            let data = rx.get(..n).unwrap_or_default();
-                            self.node.handle_datagram(now, udp::canonical(from), data);
+                    match self.underlay.recv(&mut rx) {
+                        Ok(Some(Input::Datagram { from, len })) => {
+                            let data = rx.get(..len).unwrap_or_default();
+                            self.node.handle_datagram(now, from, data);
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        Ok(Some(Input::Local { len })) => {
+                            let data = rx.get(..len).unwrap_or_default();
+                            self.node.handle_local_packet(now, data);
+                        }
+                        Ok(Some(Input::NoSession(dst))) => self.node.handle_no_session(now, dst),
+                        Ok(Some(Input::NoRoute(dst))) => self.node.handle_no_route(now, dst),
+                        Ok(Some(Input::Consumed)) => {}
+                        Ok(None) => {
                             drained = true;
                             break;
                         }
@@ -205,6 +225,10 @@ impl<F: FibSink> EventLoop<F> {
             }
             if self.node.poll_timeout().is_some_and(|t| t <= now) {
                 self.node.handle_timeout(now);
+            }
+            if self.underlay.poll_timeout().is_some_and(|t| t <= now) {
+                self.underlay
+                    .handle_timeout(now, &mut self.node, poll.registry())?;
             }
         }
     }

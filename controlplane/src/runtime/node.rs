@@ -11,10 +11,22 @@
 //! interface whose neighbour is the peer's overlay address; Down → the interface goes and the peer
 //! is retried; Received(Babel) → `Router::handle_packet`), router output becomes LINK_DATA on the
 //! interface's link, and router install/uninstall events go to the [`FibSink`].
+//!
+//! With a dataplane the node also runs the E2E [`SessionManager`] and speaks to the dataplane in
+//! [`DataplaneCommand`]s (drain [`Node::poll_dataplane`] after every input too): links up/down
+//! become PeerUp/PeerDown, route installs RouteAdd/RouteRemove (next hop: the neighbour's
+//! endpoint), E2E installs SessionInstall/SessionRemove, handshake packets SendOverlay. Its inputs
+//! from the dataplane are [`Node::handle_no_session`] (start a handshake with the key that came
+//! with the route), [`Node::handle_no_route`] (a Babel route request) and
+//! [`Node::handle_local_packet`] (E2E handshakes; message-bus frames, which wait in
+//! [`Node::poll_bus_frame`]; [`Node::send_bus_frame`] is the way out).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
+
+use hypha_proto::addr::OverlayAddr;
+use hypha_proto::key::{PublicKey, SecretKey};
 
 use hypha_proto::babel::Prefix;
 use hypha_proto::time::Instant;
@@ -26,6 +38,7 @@ use crate::babel::{
     Event as RouterEvent, InterfaceConfig, InterfaceId, RouteFilter, Router, RouterConfig,
 };
 use crate::config::RunConfig;
+use crate::e2e::{self, E2eConfig, Role, SessionManager};
 use crate::fib::{FibEntry, FibSink, FibTable, NextHop};
 use crate::link::{Channel, LinkConfig, LinkEvent, LinkId, LinkLayer};
 
@@ -64,6 +77,95 @@ pub struct NodeConfig {
     pub peers: Vec<SocketAddr>,
     /// Seed of every RNG in the node.
     pub seed: u64,
+    /// Whether a dataplane carries the data: then the node runs E2E handshakes and emits
+    /// [`DataplaneCommand`]s.
+    pub dataplane: bool,
+    /// Wall-clock time since the Unix epoch at the node's creation (E2E handshake timestamps).
+    pub wall_clock: Duration,
+}
+
+/// What the node asks of the dataplane (routes, neighbours, session keys, packets into the
+/// overlay); the runtime's dataplane adapter turns these into shm records.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DataplaneCommand {
+    /// A neighbour is up at `endpoint` with static key `key`.
+    PeerUp {
+        /// Its underlay address.
+        endpoint: SocketAddr,
+        /// Its static public key.
+        key: [u8; 32],
+    },
+    /// The neighbour at `endpoint` is gone.
+    PeerDown {
+        /// Its underlay address.
+        endpoint: SocketAddr,
+    },
+    /// `prefix` is reached through the neighbour at `endpoint`.
+    RouteAdd {
+        /// The destination.
+        prefix: Prefix,
+        /// The next hop's underlay address.
+        endpoint: SocketAddr,
+        /// The route's metric.
+        metric: u16,
+    },
+    /// `prefix` has no route any more.
+    RouteRemove {
+        /// The destination.
+        prefix: Prefix,
+    },
+    /// An E2E session to install (see [`e2e::Event::Install`]).
+    SessionInstall {
+        /// The remote end.
+        peer: Ipv6Addr,
+        /// Our receiver index.
+        local_index: u32,
+        /// The peer's receiver index.
+        remote_index: u32,
+        /// Seals what we send.
+        tx_key: [u8; 32],
+        /// Opens what we receive.
+        rx_key: [u8; 32],
+        /// The AEAD.
+        cipher: e2e::Cipher,
+    },
+    /// Remove the session with this receiver index.
+    SessionRemove {
+        /// The remote end.
+        peer: Ipv6Addr,
+        /// Our receiver index.
+        local_index: u32,
+    },
+    /// Route a complete DATA packet (header first) towards `dst`.
+    SendOverlay {
+        /// The overlay destination.
+        dst: Ipv6Addr,
+        /// The packet.
+        packet: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for DataplaneCommand {
+    /// Never prints keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataplaneCommand::PeerUp { endpoint, .. } => write!(f, "PeerUp({endpoint})"),
+            DataplaneCommand::PeerDown { endpoint } => write!(f, "PeerDown({endpoint})"),
+            DataplaneCommand::RouteAdd {
+                prefix, endpoint, ..
+            } => write!(f, "RouteAdd({prefix} via {endpoint})"),
+            DataplaneCommand::RouteRemove { prefix } => write!(f, "RouteRemove({prefix})"),
+            DataplaneCommand::SessionInstall {
+                peer, local_index, ..
+            } => write!(f, "SessionInstall({peer}, {local_index})"),
+            DataplaneCommand::SessionRemove { peer, local_index } => {
+                write!(f, "SessionRemove({peer}, {local_index})")
+            }
+            DataplaneCommand::SendOverlay { dst, packet } => {
+                write!(f, "SendOverlay({dst}, {} bytes)", packet.len())
+            }
+        }
+    }
 }
 
 impl NodeConfig {
@@ -75,6 +177,10 @@ impl NodeConfig {
             network_key: cfg.network_key,
             peers: cfg.peers.iter().map(|p| p.0).collect(),
             seed,
+            dataplane: !cfg.no_dataplane,
+            wall_clock: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
         }
     }
 }
@@ -104,7 +210,20 @@ pub struct RuntimeCounters {
     pub links_up: u64,
     /// Links that went down.
     pub links_down: u64,
+    /// "No session" reports from the dataplane.
+    pub dp_no_session: u64,
+    /// "No route" reports from the dataplane.
+    pub dp_no_route: u64,
+    /// Punted local packets that were neither an E2E handshake nor a bus frame.
+    pub dp_local_unknown: u64,
+    /// Message-bus frames received (queued for the bus).
+    pub bus_frames_received: u64,
+    /// Message-bus frames dropped because the bus queue was full.
+    pub bus_frames_dropped: u64,
 }
+
+/// Bus frames received and not yet taken by the bus.
+const BUS_QUEUE: usize = 1024;
 
 struct Attached {
     iface: InterfaceId,
@@ -127,6 +246,11 @@ pub struct Node<F: FibSink = FibTable> {
     changed: bool,
     hello_interval: Duration,
     update_interval: Duration,
+    e2e: Option<SessionManager>,
+    dp: VecDeque<DataplaneCommand>,
+    session_peers: HashMap<u32, Ipv6Addr>,
+    e2e_buf: Vec<u8>,
+    bus_rx: VecDeque<(Ipv6Addr, Vec<u8>)>,
 }
 
 impl<F: FibSink> Node<F> {
@@ -153,6 +277,12 @@ impl<F: FibSink> Node<F> {
             .with_filter(RouteFilter::Overlay);
         let mut router = Router::new(rc, now);
         router.originate(now, identity.subnet, Some(identity.public));
+        let e2e = cfg.dataplane.then(|| {
+            let mut ec = E2eConfig::new(SecretKey::from_bytes(identity.secret));
+            ec.seed = cfg.seed ^ 0x2545_f491_4f6c_dd1d;
+            ec.wall_clock = cfg.wall_clock;
+            SessionManager::new(ec, now)
+        });
 
         Node {
             peers: PeerTable::new(now, &cfg.peers, cfg.seed.rotate_left(17)),
@@ -168,7 +298,131 @@ impl<F: FibSink> Node<F> {
             changed: true,
             hello_interval: cfg.hello_interval,
             update_interval: cfg.update_interval,
+            e2e,
+            dp: VecDeque::new(),
+            session_peers: HashMap::new(),
+            e2e_buf: Vec::with_capacity(256),
+            bus_rx: VecDeque::new(),
         }
+    }
+
+    /// The dataplane reports a packet to `dst` without a session: start an E2E handshake with
+    /// the key that came with the route to `dst` (or ask for a route first).
+    pub fn handle_no_session(&mut self, now: Instant, dst: Ipv6Addr) {
+        self.counters.dp_no_session += 1;
+        let key = self
+            .router
+            .selected_route(&subnet_of(dst))
+            .and_then(|r| r.origin_key.copied())
+            .map(PublicKey::from_bytes);
+        if let (Some(e2e), Ok(dst)) = (&mut self.e2e, OverlayAddr::new(dst)) {
+            if let Err(e) = e2e.connect(now, dst, key) {
+                tracing::debug!(%dst, error = %e, "no E2E handshake");
+            }
+        }
+        self.process(now);
+    }
+
+    /// The dataplane reports a packet to `dst` without a route: ask the neighbours for one.
+    pub fn handle_no_route(&mut self, now: Instant, dst: Ipv6Addr) {
+        self.counters.dp_no_route += 1;
+        if dst.segments()[0] & 0xfe00 == 0x0400 {
+            self.router.request_route(now, subnet_of(dst));
+        }
+        self.process(now);
+    }
+
+    /// A DATA packet for this node punted by the dataplane: an E2E handshake (whole packet), or a
+    /// decrypted TRANSPORT packet whose payload is a message-bus frame.
+    pub fn handle_local_packet(&mut self, now: Instant, packet: &[u8]) {
+        use hypha_proto::wire::data::{Kind, Packet, PayloadType, HEADER_LEN};
+        // Not `new_checked`: a decrypted TRANSPORT packet has no tag any more, so its payload may
+        // be shorter than a ciphertext's minimum. The header is all we read here.
+        if packet.len() < HEADER_LEN || packet.first() != Some(&(FrameType::Data as u8)) {
+            self.counters.dp_local_unknown += 1;
+            return;
+        }
+        let view = Packet::new_unchecked(packet);
+        match view.kind() {
+            Ok(Kind::Transport) => {
+                let src = view.src_addr();
+                let body = packet.get(HEADER_LEN..).unwrap_or_default();
+                match body.split_first() {
+                    Some((&t, frame)) if t == PayloadType::Message as u8 => {
+                        if self.bus_rx.len() >= BUS_QUEUE {
+                            self.counters.bus_frames_dropped += 1;
+                        } else {
+                            self.counters.bus_frames_received += 1;
+                            self.bus_rx.push_back((src, frame.to_vec()));
+                        }
+                    }
+                    _ => self.counters.dp_local_unknown += 1,
+                }
+            }
+            Ok(_) => {
+                if let Some(e2e) = &mut self.e2e {
+                    if let Err(e) = e2e.handle_packet(now, packet) {
+                        tracing::debug!(error = %e, "E2E handshake packet dropped");
+                    }
+                }
+            }
+            Err(_) => self.counters.dp_local_unknown += 1,
+        }
+        self.process(now);
+    }
+
+    /// Bus hook, inbound: the next message-bus frame received, with its source overlay address.
+    pub fn poll_bus_frame(&mut self) -> Option<(Ipv6Addr, Vec<u8>)> {
+        self.bus_rx.pop_front()
+    }
+
+    /// Bus hook, outbound: sends one message-bus frame to `dst` through the dataplane (which
+    /// seals it under the E2E session to `dst`; without one it reports "no session" and the
+    /// frame is lost, so the bus retransmits). Returns false without a dataplane.
+    pub fn send_bus_frame(&mut self, dst: Ipv6Addr, frame: &[u8]) -> bool {
+        use hypha_proto::wire::data::{Kind, PayloadType, Repr, HEADER_LEN};
+        if self.e2e.is_none() {
+            return false;
+        }
+        let repr = Repr {
+            hop_limit: e2e::DEFAULT_HOP_LIMIT,
+            kind: Kind::Transport,
+            receiver_index: 0,
+            counter: 0,
+            src: self.identity.addr,
+            dst,
+        };
+        let mut packet = vec![0u8; HEADER_LEN + 1 + frame.len()];
+        let mut view = hypha_proto::wire::data::Packet::new_unchecked(&mut packet[..]);
+        repr.emit(&mut view);
+        if let Some(b) = packet.get_mut(HEADER_LEN) {
+            *b = PayloadType::Message as u8;
+        }
+        if let Some(body) = packet.get_mut(HEADER_LEN + 1..) {
+            body.copy_from_slice(frame);
+        }
+        self.dp
+            .push_back(DataplaneCommand::SendOverlay { dst, packet });
+        true
+    }
+
+    /// The next command for the dataplane (nothing without one).
+    pub fn poll_dataplane(&mut self) -> Option<DataplaneCommand> {
+        self.dp.pop_front()
+    }
+
+    /// The dataplane restarted and lost its sessions: forget ours (installing the same keys again
+    /// would reuse nonces); the next packet to each destination makes a new handshake.
+    pub fn dataplane_restarted(&mut self) {
+        if let Some(e2e) = &mut self.e2e {
+            e2e.forget_sessions();
+        }
+        self.session_peers.clear();
+    }
+
+    /// The E2E session manager (with a dataplane).
+    pub fn e2e(&self) -> Option<&SessionManager> {
+        self.e2e.as_ref()
     }
 
     /// One datagram from `from` (IPv4 not v4-mapped).
@@ -193,6 +447,11 @@ impl<F: FibSink> Node<F> {
         self.link.handle_timeout(now);
         self.router.handle_timeout(now);
         self.peers.handle_timeout(now);
+        if let Some(e2e) = &mut self.e2e {
+            if e2e.poll_timeout().is_some_and(|t| t <= now) {
+                e2e.handle_timeout(now);
+            }
+        }
         self.process(now);
     }
 
@@ -210,6 +469,7 @@ impl<F: FibSink> Node<F> {
             self.link.poll_timeout(),
             self.router.poll_timeout(),
             self.peers.poll_timeout(),
+            self.e2e.as_ref().and_then(SessionManager::poll_timeout),
         ]
         .into_iter()
         .flatten()
@@ -242,6 +502,19 @@ impl<F: FibSink> Node<F> {
             }
             while let Some(ev) = self.router.poll_event() {
                 self.on_router_event(ev);
+                progress = true;
+            }
+            if let Some(e2e) = &mut self.e2e {
+                while let Some(dst) = e2e.poll_transmit(&mut self.e2e_buf) {
+                    self.dp.push_back(DataplaneCommand::SendOverlay {
+                        dst: dst.into(),
+                        packet: self.e2e_buf.clone(),
+                    });
+                    progress = true;
+                }
+            }
+            while let Some(ev) = self.e2e.as_mut().and_then(SessionManager::poll_event) {
+                self.on_e2e_event(now, ev);
                 progress = true;
             }
             if !progress {
@@ -279,12 +552,23 @@ impl<F: FibSink> Node<F> {
                 self.by_iface.insert(iface, link);
                 self.peers
                     .on_up(link, remote, (hex::encode(peer_key), neighbour.to_string()));
+                if self.e2e.is_some() {
+                    self.dp.push_back(DataplaneCommand::PeerUp {
+                        endpoint: remote,
+                        key: peer_key,
+                    });
+                }
                 self.changed = true;
             }
             LinkEvent::Down { link, reason } => {
                 self.counters.links_down += 1;
                 if let Some(a) = self.attached.remove(&link) {
                     tracing::info!(remote = %a.endpoint, %reason, "link down");
+                    if self.e2e.is_some() {
+                        self.dp.push_back(DataplaneCommand::PeerDown {
+                            endpoint: a.endpoint,
+                        });
+                    }
                     self.by_iface.remove(&a.iface);
                     self.router.remove_interface(now, a.iface);
                 }
@@ -315,6 +599,55 @@ impl<F: FibSink> Node<F> {
         }
     }
 
+    fn on_e2e_event(&mut self, now: Instant, ev: e2e::Event) {
+        match ev {
+            e2e::Event::Install {
+                peer,
+                local_index,
+                remote_index,
+                tx_key,
+                rx_key,
+                cipher,
+                role,
+                ..
+            } => {
+                let peer: Ipv6Addr = peer.into();
+                tracing::debug!(%peer, local_index, ?role, "E2E session up");
+                self.session_peers.insert(local_index, peer);
+                self.dp.push_back(DataplaneCommand::SessionInstall {
+                    peer,
+                    local_index,
+                    remote_index,
+                    tx_key,
+                    rx_key,
+                    cipher,
+                });
+                // The initiator holds the response: the responder has the keys, so the session is
+                // confirmed (it may rekey and retire older ones). A responder's session is
+                // confirmed by its first received packet, which the shm ABI does not report yet.
+                if role == Role::Initiator {
+                    if let Some(e2e) = &mut self.e2e {
+                        e2e.handle_traffic(now, local_index);
+                    }
+                }
+                self.changed = true;
+            }
+            e2e::Event::Remove { local_index } => {
+                if let Some(peer) = self.session_peers.remove(&local_index) {
+                    self.dp
+                        .push_back(DataplaneCommand::SessionRemove { peer, local_index });
+                }
+                self.changed = true;
+            }
+            e2e::Event::Failed { dst } => {
+                tracing::info!(%dst, "E2E handshake failed");
+            }
+            e2e::Event::NeedRoute { dst } => {
+                self.router.request_route(now, subnet_of(dst.into()));
+            }
+        }
+    }
+
     fn on_router_event(&mut self, ev: RouterEvent) {
         match ev {
             RouterEvent::Install {
@@ -327,6 +660,13 @@ impl<F: FibSink> Node<F> {
                     return;
                 };
                 let seqno = self.router.selected_route(&prefix).map_or(0, |r| r.seqno.0);
+                if self.e2e.is_some() {
+                    self.dp.push_back(DataplaneCommand::RouteAdd {
+                        prefix,
+                        endpoint,
+                        metric,
+                    });
+                }
                 self.fib.install(
                     prefix,
                     FibEntry {
@@ -341,6 +681,9 @@ impl<F: FibSink> Node<F> {
                 self.changed = true;
             }
             RouterEvent::Uninstall { prefix, .. } => {
+                if self.e2e.is_some() {
+                    self.dp.push_back(DataplaneCommand::RouteRemove { prefix });
+                }
                 self.fib.uninstall(prefix);
                 self.changed = true;
             }
@@ -500,6 +843,15 @@ impl<F: FibSink> Node<F> {
     }
 }
 
+/// The /64 around an overlay address (the prefix a node owns, and the route that reaches it).
+fn subnet_of(addr: Ipv6Addr) -> Prefix {
+    let s = addr.segments();
+    let net = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+    // Invariant: 64 ≤ 128, the only thing Prefix::new checks.
+    #[allow(clippy::expect_used)]
+    Prefix::new(IpAddr::V6(net), 64).expect("a /64 is a valid prefix")
+}
+
 /// The overlay address of a public key.
 fn overlay_addr(key: &[u8; 32]) -> Ipv6Addr {
     hypha_proto::key::PublicKey::from_bytes(*key)
@@ -534,6 +886,15 @@ mod tests {
     impl Net {
         /// `links` are (dialled, dialler) pairs.
         fn new(n: usize, links: &[(usize, usize)], keys: &[Option<[u8; 32]>]) -> Net {
+            Net::build(n, links, keys, false)
+        }
+
+        fn build(
+            n: usize,
+            links: &[(usize, usize)],
+            keys: &[Option<[u8; 32]>],
+            dataplane: bool,
+        ) -> Net {
             let now = Instant::from_secs(1);
             let nodes = (0..n)
                 .map(|i| {
@@ -548,6 +909,8 @@ mod tests {
                             .map(|(t, _)| addr(*t))
                             .collect(),
                         seed: i as u64,
+                        dataplane,
+                        wall_clock: Duration::ZERO,
                     };
                     Node::new(id, &cfg, FibTable::new(), now)
                 })
@@ -740,6 +1103,84 @@ mod tests {
             );
             assert_eq!(snap.selected.len(), 1, "{:?}", snap.selected);
         }
+    }
+
+    /// Drains a node's dataplane commands.
+    fn commands(n: &mut Node) -> Vec<DataplaneCommand> {
+        std::iter::from_fn(|| n.poll_dataplane()).collect()
+    }
+
+    #[test]
+    fn dataplane_glue_peers_routes_and_an_e2e_session() {
+        let mut net = Net::build(3, &[(0, 1), (1, 2)], &[], true);
+        net.run_until(Duration::from_secs(30), Net::converged)
+            .expect("converge");
+        // Node 0: one neighbour (node 1) and routes to both others, next hop node 1's endpoint.
+        let cmds = commands(&mut net.nodes[0]);
+        let ups: Vec<_> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                DataplaneCommand::PeerUp { endpoint, key } => Some((*endpoint, *key)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ups, vec![(addr(1), net.nodes[1].identity().public)]);
+        let c_subnet = net.nodes[2].identity().subnet;
+        assert!(cmds.iter().any(|c| matches!(c,
+            DataplaneCommand::RouteAdd { prefix, endpoint, .. }
+                if *prefix == c_subnet && *endpoint == addr(1))));
+
+        // The dataplane of node 0 has no session to node 2: a handshake through the overlay.
+        let (a, c) = (net.nodes[0].identity().addr, net.nodes[2].identity().addr);
+        let now = net.now;
+        net.nodes[0].handle_no_session(now, c);
+        let init = commands(&mut net.nodes[0])
+            .into_iter()
+            .find_map(|cmd| match cmd {
+                DataplaneCommand::SendOverlay { dst, packet } if dst == c => Some(packet),
+                _ => None,
+            })
+            .expect("handshake init towards c");
+        net.nodes[2].handle_local_packet(now, &init);
+        let c_cmds = commands(&mut net.nodes[2]);
+        let resp = c_cmds
+            .iter()
+            .find_map(|cmd| match cmd {
+                DataplaneCommand::SendOverlay { dst, packet } if *dst == a => Some(packet.clone()),
+                _ => None,
+            })
+            .expect("handshake response towards a");
+        net.nodes[0].handle_local_packet(now, &resp);
+        let a_cmds = commands(&mut net.nodes[0]);
+        let install = |cmds: &[DataplaneCommand]| {
+            cmds.iter().find_map(|cmd| match cmd {
+                DataplaneCommand::SessionInstall {
+                    peer,
+                    local_index,
+                    remote_index,
+                    tx_key,
+                    rx_key,
+                    ..
+                } => Some((*peer, *local_index, *remote_index, *tx_key, *rx_key)),
+                _ => None,
+            })
+        };
+        let (pa, la, ra, txa, rxa) = install(&a_cmds).expect("a installs");
+        let (pc, lc, rc, txc, rxc) = install(&c_cmds).expect("c installs");
+        assert_eq!((pa, pc), (c, a));
+        assert_eq!((la, ra), (rc, lc), "indices pair up");
+        assert_eq!((txa, rxa), (rxc, txc), "keys pair up");
+        // A bus frame inside a decrypted transport packet reaches the bus hook.
+        assert!(net.nodes[0].send_bus_frame(c, b"hello"));
+        let bus = commands(&mut net.nodes[0])
+            .into_iter()
+            .find_map(|cmd| match cmd {
+                DataplaneCommand::SendOverlay { packet, .. } => Some(packet),
+                _ => None,
+            })
+            .expect("bus frame out");
+        net.nodes[2].handle_local_packet(now, &bus);
+        assert_eq!(net.nodes[2].poll_bus_frame(), Some((a, b"hello".to_vec())));
     }
 
     #[test]

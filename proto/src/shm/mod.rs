@@ -30,6 +30,7 @@
 //! takes ownership with [`RegionFds::from_env`] and maps the region with [`Region::attach`].
 //! The byte layout is written down in docs/shm.md.
 
+pub mod handoff;
 mod layout;
 mod record;
 mod region;

@@ -65,7 +65,7 @@ impl FdNumbers {
         Ok(nums)
     }
 
-    fn all(&self) -> [RawFd; 5] {
+    pub(crate) fn all(&self) -> [RawFd; 5] {
         let [a, b, c, d] = self.events;
         [self.memfd, a, b, c, d]
     }
