@@ -652,7 +652,7 @@ fn iperf_to(node: &Node, server: &Node, dst: &str, secs: u32, streams: u32) -> f
         .unwrap_or(0.0)
 }
 
-/// The system benchmark of bench/integrated-results.md: a–b–c through Hypha next to the same
+/// The system benchmark of bench/RESULTS.md ("Integrated node"): a–b–c through Hypha next to the same
 /// three namespaces routed by the kernel over the bare veths. Run with
 /// `cargo test --release -p hypha-controlplane --test overlay_dataplane -- --ignored --nocapture`.
 #[test]
