@@ -20,7 +20,10 @@
 //! attached and forwarding on its last maps until the next start replaces it.
 //!
 //! **Modes.** `auto` tries driver (native) mode and falls back to generic (SKB) mode per
-//! interface; `off` does nothing. When XDP can't be used at all, [`XdpFastPath::start`] fails
+//! interface, except on veth, which gets generic mode directly: native `bpf_redirect` between
+//! veths drops frames or corrupts UDP checksums unless the sender has tx checksum offload off and
+//! the target's peer runs XDP or GRO (ENVIRONMENT.md "Gotchas"). `driver` forces driver mode;
+//! `off` does nothing. When XDP can't be used at all, [`XdpFastPath::start`] fails
 //! and the caller logs it once and runs without it — every packet then takes the user-space
 //! path, which does everything XDP does.
 //!
@@ -313,6 +316,60 @@ fn forwarding_enabled(iface: &str) -> bool {
     })
 }
 
+/// The interface's driver name (`ETHTOOL_GDRVINFO`), asked in the current network namespace
+/// (unlike `/sys/class/net`, which shows the namespace sysfs was mounted in). `None` if the
+/// interface doesn't exist or doesn't answer.
+#[allow(unsafe_code)]
+pub fn driver_name(iface: &str) -> Option<String> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    /// `struct ethtool_drvinfo` (linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 5 * 4],
+    }
+    /// `struct ifreq` with `ifr_data` (40 bytes on 64-bit, 32 on 32-bit; padded to 40).
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const _: () = assert!(size_of::<DrvInfo>() == 196);
+    let bytes = iface.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return None;
+    }
+    let sock = [AddressFamily::Inet, AddressFamily::Inet6]
+        .into_iter()
+        .find_map(|af| socket(af, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok())?;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 32 * 4 + 12 + 5 * 4],
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: `req` is a valid `struct ifreq` whose `ifr_data` points at a `struct
+    // ethtool_drvinfo` that outlives the call; the kernel writes at most its 196 bytes.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut req as *mut IfReq) };
+    if rc < 0 {
+        return None;
+    }
+    let len = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    std::str::from_utf8(info.driver.get(..len)?)
+        .ok()
+        .map(str::to_owned)
+}
+
 struct Attachment {
     iface: String,
     mode: AttachedMode,
@@ -427,7 +484,8 @@ impl XdpFastPath {
         Ok(fp)
     }
 
-    /// Attaches to `iface` (driver mode, then generic, as the setting allows) and pins the link.
+    /// Attaches to `iface` (driver mode, then generic, as the setting allows; `auto` goes
+    /// straight to generic on veth, see the module doc) and pins the link.
     /// Already attached: nothing to do.
     pub fn attach(&mut self, iface: &str) -> Result<AttachedMode, XdpError> {
         if let Some(a) = self.attached.iter().find(|a| a.iface == iface) {
@@ -437,6 +495,14 @@ impl XdpFastPath {
             XdpSetting::Off => return Err(XdpError::Off),
             XdpSetting::Generic => &[(XdpMode::Skb, AttachedMode::Generic)],
             XdpSetting::Driver => &[(XdpMode::Driver, AttachedMode::Driver)],
+            XdpSetting::Auto if driver_name(iface).as_deref() == Some("veth") => {
+                tracing::info!(
+                    iface,
+                    "veth: using generic XDP (native redirect between veths needs tx offload \
+                     off and XDP/GRO on the target's peer)"
+                );
+                &[(XdpMode::Skb, AttachedMode::Generic)]
+            }
             XdpSetting::Auto => &[
                 (XdpMode::Driver, AttachedMode::Driver),
                 (XdpMode::Skb, AttachedMode::Generic),
@@ -664,6 +730,14 @@ mod tests {
                 )
             }),
         )
+    }
+
+    #[test]
+    fn driver_name_of_missing_or_bad_interface_is_none() {
+        assert_eq!(driver_name("hyphanosuchif0"), None);
+        assert_eq!(driver_name(""), None);
+        assert_eq!(driver_name("a\0b"), None);
+        assert_eq!(driver_name("waytoolonginterfacename"), None);
     }
 
     #[test]

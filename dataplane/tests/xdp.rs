@@ -1,7 +1,7 @@
 //! The XDP fast path in network namespaces (root only; skipped otherwise).
 //!
-//! - `transit_line_driver_mode`: a line a–b–c of `hypha-dp --static-config`, XDP on b in the
-//!   default (auto → driver) mode with the interfaces detected from the peers: iperf3 a→c is
+//! - `transit_line_driver_mode`: a line a–b–c of `hypha-dp --static-config`, XDP on b forced
+//!   to driver mode (`--xdp driver`; auto picks generic on veth) with the interfaces detected from the peers: iperf3 a→c is
 //!   forwarded by b's XDP program (redirect counter) while b's user space sees almost none of
 //!   it; datagrams to b's port from a non-peer are dropped in XDP and never reach b's dataplane,
 //!   handshake initiations pass; `bpftool map dump pinned` shows the counters by name; after a
@@ -12,6 +12,10 @@
 //!   the route to the other link, [`XdpFastPath::sync`] rewrites the transit map, and pings keep
 //!   flowing over the new next hop; a crafted frame forwarded to a plain socket arrives with
 //!   only its hop limit changed (checksums right), and at hop limit 1 it is passed up instead.
+//!
+//! - `transit_line_auto_mode_is_generic_on_veth`: the same line with IP forwarding on b and no
+//!   ethtool tweaks, over an IPv4 and an IPv6 underlay: `--xdp auto` attaches b's veths in
+//!   generic mode, and a→c traffic crosses b through XDP redirects.
 //!
 //! Native XDP redirect between veths needs GRO on the redirect target's peer and TX checksum
 //! offload off on the sending veths (ENVIRONMENT.md); test 1 sets both.
@@ -279,7 +283,7 @@ fn transit_line_driver_mode() {
         }],
     );
     let _pa = start(&net, &a, "dp-a", &cfg_a, "off");
-    let pb = start(&net, &b, "dp-b", &cfg_b, "auto");
+    let pb = start(&net, &b, "dp-b", &cfg_b, "driver");
     let _pc = start(&net, &c, "dp-c", &cfg_c, "off");
 
     // b attached to both links (detected from its peers), in driver mode.
@@ -413,7 +417,12 @@ fn transit_line_driver_mode() {
         old_ids,
         "pinned link gone after SIGKILL"
     );
-    let pb2 = start(&net, &b, "dp-b2", &cfg_b, "auto");
+    // The killed process's TUN device goes away asynchronously (slowly under load).
+    wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        b.exec_ok(["ip", "link", "show", "dev", "hypha0"]).is_err()
+    })
+    .expect("b's old TUN device did not go away");
+    let pb2 = start(&net, &b, "dp-b2", &cfg_b, "driver");
     for iface in [ab.b().ifname(), bc.a().ifname()] {
         let ids = xdp_prog_ids(&b, iface);
         assert_eq!(ids.len(), 1, "{iface}: {ids:?}");
@@ -447,6 +456,124 @@ fn transit_line_driver_mode() {
     }
     assert!(!dir.exists(), "{} left behind", dir.display());
     eprintln!("XDP transit line test took {:?}", t0.elapsed());
+}
+
+/// `--xdp auto` on a transit node whose underlay is veth, with IP forwarding on (so
+/// `bpf_fib_lookup` succeeds and the program redirects): generic mode, and traffic flows without
+/// the ethtool tweaks native veth redirect needs.
+#[test]
+fn transit_line_auto_mode_is_generic_on_veth() {
+    if !is_root() || !have("iperf3") {
+        eprintln!("skipped: needs root and iperf3");
+        return;
+    }
+    hypha_testnet::ensure_bpffs().unwrap();
+    for v6 in [false, true] {
+        auto_line(v6);
+    }
+}
+
+fn auto_line(v6: bool) {
+    let net = TestNet::new(if v6 { "xdpa6" } else { "xdpa4" }).unwrap();
+    let _pins = PinRootGuard(pin_root(&net));
+    let a = net.add_node("a").unwrap();
+    let b = net.add_node("b").unwrap();
+    let c = net.add_node("c").unwrap();
+    let ab = net.link(&a, &b, LinkOpts::default()).unwrap();
+    let bc = net.link(&b, &c, LinkOpts::default()).unwrap();
+    b.enable_forwarding().unwrap();
+    let ep = |end: &hypha_testnet::LinkEnd| {
+        let ip = if v6 {
+            IpAddr::V6(end.ipv6())
+        } else {
+            IpAddr::V4(end.ipv4())
+        };
+        SocketAddr::new(ip, PORT)
+    };
+    let cfg_a = config(
+        A,
+        &[(1, ep(ab.b()))],
+        &[(&net64(C), 1), (&net64(B), 1)],
+        &[Sess {
+            peer: C,
+            rx_index: 7,
+            tx_index: 9,
+            tx_key: key(0x33),
+            rx_key: key(0x44),
+        }],
+    );
+    let cfg_b = config(
+        B,
+        &[(1, ep(ab.a())), (2, ep(bc.b()))],
+        &[(&net64(A), 1), (&net64(C), 2)],
+        &[],
+    );
+    let cfg_c = config(
+        C,
+        &[(1, ep(bc.a()))],
+        &[(&net64(A), 1)],
+        &[Sess {
+            peer: A,
+            rx_index: 9,
+            tx_index: 7,
+            tx_key: key(0x44),
+            rx_key: key(0x33),
+        }],
+    );
+    let _pa = start(&net, &a, "dp-a", &cfg_a, "off");
+    let pb = start(&net, &b, "dp-b", &cfg_b, "auto");
+    let _pc = start(&net, &c, "dp-c", &cfg_c, "off");
+
+    let s = stats(&b).unwrap();
+    let log = pb.log().unwrap_or_default();
+    for iface in [ab.b().ifname(), bc.a().ifname()] {
+        assert_eq!(
+            s["xdp"]["interfaces"][iface], "generic",
+            "v6 {v6}: {iface}: {s}\n{log}"
+        );
+    }
+    assert!(log.contains("veth: using generic XDP"), "{log}");
+
+    // Warm up (neighbours resolve), then 20 pings: each request and reply crosses b once.
+    let p = a
+        .ping(
+            IpAddr::V6(C.parse().unwrap()),
+            5,
+            Duration::from_millis(100),
+        )
+        .unwrap();
+    assert!(p.received >= 3, "v6 {v6}: ping a->c via b: {p:?}");
+    let redirect0 = counter(&b, "xdp_redirect");
+    let p = a
+        .ping(
+            IpAddr::V6(C.parse().unwrap()),
+            20,
+            Duration::from_millis(50),
+        )
+        .unwrap();
+    let redirected = counter(&b, "xdp_redirect") - redirect0;
+    assert_eq!(p.received, 20, "v6 {v6}: ping a->c via b: {p:?}");
+    assert!(
+        redirected >= 40,
+        "v6 {v6}: pings crossed b's XDP only {redirected} times"
+    );
+    let redirect0 = counter(&b, "xdp_redirect");
+    let fwd0 = counter(&b, "forwarded");
+    let (bytes, bps) = iperf(&c, &a, C, 2);
+    let s = stats(&b).unwrap();
+    eprintln!(
+        "v6 {v6}: iperf3 a->c through b (generic XDP): {bytes} bytes, {:.2} Gbit/s; \
+         b: xdp_redirect +{}, user-space forwarded +{}; XDP counters {}",
+        bps / 1e9,
+        counter(&b, "xdp_redirect") - redirect0,
+        counter(&b, "forwarded") - fwd0,
+        s["xdp"]["counters"]
+    );
+    assert!(
+        bytes > 1_000_000,
+        "v6 {v6}: iperf3 moved only {bytes} bytes"
+    );
+    pb.stop().unwrap();
 }
 
 /// XDP that can't attach (loopback has no native XDP): a clear log line, and the dataplane runs
@@ -754,7 +881,7 @@ fn measure_transit_xdp_on_vs_off() {
     let _pc = start(&net, &c, "dp-c", &cfg_c, "off");
     let mut results: Vec<(&str, f64, u64, u64)> = Vec::new();
     for round in 0..rounds {
-        for mode in ["off", "auto"] {
+        for mode in ["off", "driver"] {
             let pb = start(&net, &b, &format!("dp-b-{mode}-{round}"), &cfg_b, mode);
             let _ = a.ping(IpAddr::V6(C.parse().unwrap()), 3, Duration::from_millis(50));
             let (bytes, bps) = iperf(&c, &a, C, secs);
@@ -780,7 +907,7 @@ fn measure_transit_xdp_on_vs_off() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (off, on) = (median("off"), median("auto"));
+    let (off, on) = (median("off"), median("driver"));
     eprintln!(
         "median a->c through b: XDP off {:.3} Gbit/s, XDP on {:.3} Gbit/s, ratio on/off {:.2}",
         off / 1e9,
