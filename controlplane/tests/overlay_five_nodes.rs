@@ -316,9 +316,16 @@ fn five_nodes_converge_reroute_and_refuse_a_node_without_the_network_key() {
     );
     // With a network key, message 1 carries a tag, so e drops f's LINK_INITs as malformed (or
     // fails them later); f never gets an answer and times out.
-    let e_stats = o.stats("e").expect("e's stats");
+    // f retries with backoff, so its next attempt may still be on its way: wait for e to count it.
+    let mut e_stats = None;
+    let refused = wait_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        let Some(s) = o.stats("e") else { return false };
+        let n = counter(&s, "link", "malformed") + counter(&s, "link", "handshakes_failed");
+        e_stats = Some(s);
+        n > 0
+    });
     assert!(
-        counter(&e_stats, "link", "malformed") + counter(&e_stats, "link", "handshakes_failed") > 0,
+        refused.is_ok(),
         "e should count refused handshakes: {e_stats:?}"
     );
 

@@ -89,7 +89,12 @@ fn cutting_and_restoring_a_link() {
     let b = net.add_node("b").unwrap();
     let ab = net.link(&a, &b, LinkOpts::default()).unwrap();
     let dst = IpAddr::V6(ab.b().ipv6());
-    assert!(a.ping(dst, 3, Duration::from_millis(20)).unwrap().received >= 2);
+    // The first IPv6 pings on a fresh link can be lost to neighbour discovery: wait for the link.
+    let up = hypha_testnet::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        a.ping(dst, 3, Duration::from_millis(20))
+            .is_ok_and(|s| s.received >= 2)
+    });
+    assert!(up.is_ok(), "a new link must carry pings");
     ab.set_up(false).unwrap();
     // With the carrier gone the route goes too: ping either cannot send or gets nothing back.
     match a.ping(dst, 3, Duration::from_millis(20)) {
