@@ -3,6 +3,7 @@
 //! Each subcommand is one variant of [`Command`] with its implementation in a submodule, so adding
 //! `run`, `peers` or `routes` means one variant, one module and one arm in `main`'s dispatch.
 
+pub mod demo;
 pub mod identity;
 pub mod message;
 
@@ -57,6 +58,31 @@ pub enum Command {
     Routes(hypha_controlplane::client::RoutesArgs),
     /// Show the running node's counters (control plane and dataplane, per subsystem and reason).
     Stats(hypha_controlplane::client::StatsArgs),
+    /// Try Hypha on this machine (as root): N nodes in network namespaces, routes, ping, a
+    /// message, a cut link, then everything removed again.
+    ///
+    /// Builds N nodes (default 4), each in its own network namespace (`hd<pid>-0-a`, `-b`, ...)
+    /// with its own key, linked by veth pairs in a ring (two parallel links for 2 nodes, chords
+    /// from 7 on) so that any single link can fail. Starts the real `hypha run` (and its
+    /// `hypha-dp`, which must sit next to this binary) in each, with 200 ms hellos, then:
+    ///
+    ///   1. waits until every node has selected a route to every other node, and says how long
+    ///      that took;
+    ///   2. pings the farthest node's overlay address from node a over the TUN devices
+    ///      (`ping -6`), showing the path and the round-trip time;
+    ///   3. sends a message from a to that node through the message bus (POST /api/v1/messages
+    ///      with reply_timeout) and answers it on the receiver (GET /api/v1/messages, POST
+    ///      /api/v1/messages/reply/ID), timing the round trip;
+    ///   4. cuts the first link of the current path and times until a's route has moved and
+    ///      ping answers again;
+    ///   5. prints a summary and removes every process, namespace and link it created.
+    ///
+    /// Each step prints one result line (a spinner shows progress on a terminal); --json prints
+    /// only a machine-readable summary on stdout (the step lines then go to stderr). Ctrl-C or
+    /// SIGTERM at any point stops the nodes and removes everything. Needs root, iproute2 and
+    /// iputils-ping. Exit code: 0 when every step worked, 1 when one failed, 2 when the demo could
+    /// not start, 128 + the signal number when interrupted.
+    Demo(demo::DemoArgs),
     /// Lab mode: run the Babel core alone as a standard RFC 8966 router on real interfaces
     /// (interoperable with babeld and BIRD), or `lab dump` a running one. See docs/lab.md.
     Lab(hypha_controlplane::lab::cli::LabArgs),

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Command::Peers(args) => return hypha_controlplane::client::peers(args, cli.json),
         Command::Routes(args) => return hypha_controlplane::client::routes(args, cli.json),
         Command::Stats(args) => return hypha_controlplane::client::stats(args, cli.json),
+        Command::Demo(args) => return cli::demo::run(args, cli.json),
         Command::GenerateKeys(_) | Command::Inspect(_) | Command::Message(_) | Command::Lab(_) => {}
     }
     match run(&cli) {
@@ -59,7 +60,11 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Message(args) => cli::message::run(cli, args),
         Command::Lab(args) => Ok(hypha_controlplane::lab::cli::run(args, cli.json)?),
         // Dispatched in `main`: they report their own errors and exit codes.
-        Command::Run(_) | Command::Peers(_) | Command::Routes(_) | Command::Stats(_) => Ok(()),
+        Command::Run(_)
+        | Command::Peers(_)
+        | Command::Routes(_)
+        | Command::Stats(_)
+        | Command::Demo(_) => Ok(()),
     }
 }
 

@@ -5,7 +5,8 @@
 //! panics, so tests can run in parallel with each other and with other users of the machine.
 //! Needs root, iproute2, nftables and iputils-ping.
 //!
-//! Use it as a dev-dependency: `hypha-testnet.workspace = true` under `[dev-dependencies]`.
+//! Use it as a dev-dependency: `hypha-testnet.workspace = true` under `[dev-dependencies]` (the
+//! controlplane also uses it as a normal one, for `hypha demo`; it must not depend on any of ours).
 //!
 //! ```no_run
 //! use std::net::IpAddr;
@@ -42,7 +43,7 @@
 //! ```
 //!
 //! ## What is where
-//! - [`TestNet`]: [`new`](TestNet::new), [`add_node`](TestNet::add_node),
+//! - [`TestNet`]: [`new`](TestNet::new), [`with_prefix`](TestNet::with_prefix), [`add_node`](TestNet::add_node),
 //!   [`link`](TestNet::link), [`udp_delay_relay`](TestNet::udp_delay_relay),
 //!   [`tag`](TestNet::tag), [`log_dir`](TestNet::log_dir), [`leftovers`](TestNet::leftovers).
 //! - [`Node`]: [`exec`](Node::exec), [`exec_ok`](Node::exec_ok),
@@ -58,7 +59,7 @@
 //!
 //! ## Names
 //! Every kernel object gets the net's [`tag`](TestNet::tag), `hy<pid base36>-<counter base36>`
-//! (e.g. `hy2n9c-3`): namespaces are `<tag>-<node>`, veth ends `<tag>-<link><a|b>` (at most 15
+//! (e.g. `hy2n9c-3`; [`TestNet::with_prefix`] replaces the `hy`): namespaces are `<tag>-<node>`, veth ends `<tag>-<link><a|b>` (at most 15
 //! bytes), the hidden middle namespace of a delayed link `<tag>_d<link>`. veths are created
 //! directly inside the namespaces, never in the default one. Only objects with the tag are ever
 //! deleted; [`TestNet::leftovers`] lists what is left of a tag.
@@ -116,6 +117,8 @@ const LOG_TAIL_LINES: usize = 40;
 const IFNAME_MAX: usize = 15;
 /// Node names: `[a-z0-9]`, at most this long.
 const NODE_NAME_MAX: usize = 16;
+/// The tag prefix of [`TestNet::new`]; [`TestNet::with_prefix`] takes others of at most its length.
+const DEFAULT_PREFIX: &str = "hy";
 
 /// A veth pair to delete at teardown: deleting one end removes both.
 struct VethRecord {
@@ -277,11 +280,26 @@ impl TestNet {
     /// Creates an empty net. `name_hint` (e.g. the test's name) only names the log directory,
     /// `$TMPDIR/hypha-testnet/<tag>-<hint>/`, and messages.
     pub fn new(name_hint: &str) -> Result<TestNet> {
+        TestNet::with_prefix(DEFAULT_PREFIX, name_hint)
+    }
+
+    /// Like [`new`](TestNet::new), with another prefix than `hy` in the tag: 1–2 lowercase ASCII
+    /// letters (longer ones would push veth names past 15 bytes). `hypha demo` uses `hd`, so its
+    /// objects are told apart from the tests' at a glance.
+    pub fn with_prefix(prefix: &str, name_hint: &str) -> Result<TestNet> {
+        if prefix.is_empty()
+            || prefix.len() > DEFAULT_PREFIX.len()
+            || !prefix.bytes().all(|c| c.is_ascii_lowercase())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "tag prefix `{prefix}`: use 1-2 lowercase ASCII letters"
+            )));
+        }
         let pid = u64::from(std::process::id());
         let existing = netns_names()?;
         let tag = loop {
             let n = NET_COUNTER.fetch_add(1, Ordering::Relaxed);
-            let tag = format!("hy{}-{}", base36(pid), base36(u64::from(n)));
+            let tag = format!("{prefix}{}-{}", base36(pid), base36(u64::from(n)));
             // A namespace with this tag can only be a leftover of a dead process with our PID.
             if !existing.iter().any(|name| owned_by(name, &tag)) {
                 break tag;
@@ -771,6 +789,19 @@ mod tests {
         let before = mounts();
         ensure_bpffs().unwrap();
         assert_eq!(mounts(), before);
+    }
+
+    #[test]
+    fn prefixes_are_short_lowercase_letters() {
+        for bad in ["", "abc", "H", "h1", "h-"] {
+            assert!(
+                matches!(
+                    TestNet::with_prefix(bad, "x"),
+                    Err(Error::InvalidArgument(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
