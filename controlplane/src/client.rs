@@ -54,6 +54,9 @@ pub enum ClientError {
     /// The body is not the JSON we expected.
     #[error("unexpected JSON from the hypha node API: {0}")]
     Json(#[from] serde_json::Error),
+    /// The node refused a change (the message says why).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Sends `GET path` to `addr` and returns status and body.
@@ -155,10 +158,10 @@ pub fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value, Clien
     Ok(serde_json::from_str(&body)?)
 }
 
-/// `hypha peers [list] [--json]`.
+/// `hypha peers [list|add|remove] [--json]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PeersArgs {
-    /// What to do (only `list`, the default).
+    /// What to do (`list` is the default).
     #[command(subcommand)]
     pub action: Option<PeersAction>,
     /// Address of the node's HTTP API.
@@ -167,10 +170,22 @@ pub struct PeersArgs {
 }
 
 /// Subcommands of `hypha peers`.
-#[derive(Debug, Clone, Copy, clap::Subcommand)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum PeersAction {
     /// List peers and the state of their links (default).
     List,
+    /// Add a configured peer to the running node (not written to any config file).
+    Add {
+        /// The peer, `udp://IPV4:PORT` or `udp://[IPV6]:PORT`.
+        #[arg(value_name = "ENDPOINT")]
+        endpoint: String,
+    },
+    /// Remove a peer from the running node and tear down its link.
+    Remove {
+        /// The peer, as `hypha peers list` shows it (`udp://IP:PORT`).
+        #[arg(value_name = "ENDPOINT")]
+        endpoint: String,
+    },
 }
 
 /// `hypha routes [selected|fallback] [--json]`.
@@ -226,7 +241,84 @@ pub fn stats_text(addr: SocketAddr, json: bool) -> Result<String, ClientError> {
 
 /// Runs `hypha peers` (`json`: the global `--json`); errors go to stderr and exit with 1.
 pub fn peers(args: &PeersArgs, json: bool) -> ExitCode {
-    report(peers_text(args.api_addr, json))
+    match &args.action {
+        None | Some(PeersAction::List) => report(peers_text(args.api_addr, json)),
+        Some(PeersAction::Add { endpoint }) => {
+            report(change_peer(args.api_addr, endpoint, true, json))
+        }
+        Some(PeersAction::Remove { endpoint }) => {
+            report(change_peer(args.api_addr, endpoint, false, json))
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters (a path segment).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `hypha peers add|remove ENDPOINT`: `POST /api/v1/admin/peers` or `DELETE
+/// /api/v1/admin/peers/{endpoint}`; the output says what happened.
+pub fn change_peer(
+    addr: SocketAddr,
+    endpoint: &str,
+    add: bool,
+    json: bool,
+) -> Result<String, ClientError> {
+    let (method, path, body) = if add {
+        let body = serde_json::json!({ "endpoint": endpoint }).to_string();
+        ("POST", "/api/v1/admin/peers".to_string(), Some(body))
+    } else {
+        let path = format!("/api/v1/admin/peers/{}", percent_encode(endpoint));
+        ("DELETE", path, None)
+    };
+    let r = crate::bus::client::request(
+        addr,
+        method,
+        &path,
+        body.as_deref().map(str::as_bytes),
+        Duration::from_secs(15),
+    )
+    .map_err(|e| match e {
+        crate::bus::client::ClientError::Io { addr, source }
+            if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            ClientError::Connect { addr, source }
+        }
+        crate::bus::client::ClientError::Io { addr, source } => ClientError::Io { addr, source },
+        _ => ClientError::Malformed {
+            addr,
+            reason: "not an HTTP response",
+        },
+    })?;
+    let said = serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+    let done = if add { "added" } else { "removed" };
+    match r.status {
+        204 | 200 => {
+            if json {
+                pretty(&serde_json::json!({ "endpoint": endpoint, "result": done }))
+            } else {
+                Ok(format!("peer {endpoint} {done}\n"))
+            }
+        }
+        409 => Err(ClientError::Refused(format!(
+            "peer {endpoint} is already configured"
+        ))),
+        404 => Err(ClientError::Refused(format!("no peer {endpoint}"))),
+        400 => Err(ClientError::Refused(said)),
+        status => Err(ClientError::Status { status, body: said }),
+    }
 }
 
 /// Runs `hypha routes` (`json`: the global `--json`); errors go to stderr and exit with 1.

@@ -24,6 +24,8 @@ pub const DEFAULT_KEY_FILE: &str = "priv_key.bin";
 pub const DEFAULT_HELLO_INTERVAL: Duration = Duration::from_secs(4);
 /// Default Babel periodic update interval (RFC 8966 Appendix B: 4 × hello).
 pub const DEFAULT_UPDATE_INTERVAL: Duration = Duration::from_secs(16);
+/// Default message deadline (Mycelium's: 5 minutes).
+pub const DEFAULT_MESSAGE_DEADLINE: Duration = Duration::from_secs(300);
 /// Length of a network key file.
 pub const NETWORK_KEY_LEN: usize = 32;
 
@@ -208,6 +210,10 @@ pub struct RunArgs {
     /// Babel periodic update interval [default: 4 × hello interval].
     #[arg(long = "update-interval", value_name = "DURATION", value_parser = parse_duration_arg)]
     pub update_interval: Option<Duration>,
+    /// How long the message bus tries to deliver a message before aborting it (Mycelium's API
+    /// has no per-message deadline), e.g. `300s` or `2s` [default: 300s].
+    #[arg(long = "message-deadline", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub message_deadline: Option<Duration>,
 }
 
 fn parse_peer_arg(s: &str) -> Result<PeerEndpoint, String> {
@@ -250,6 +256,8 @@ pub struct FileConfig {
     pub hello_interval: Option<String>,
     /// See [`RunArgs::update_interval`].
     pub update_interval: Option<String>,
+    /// See [`RunArgs::message_deadline`].
+    pub message_deadline: Option<String>,
 }
 
 impl FileConfig {
@@ -290,6 +298,8 @@ pub struct RunConfig {
     pub hello_interval: Duration,
     /// Babel periodic update interval.
     pub update_interval: Duration,
+    /// Deadline of every message the bus sends.
+    pub message_deadline: Duration,
     /// The dataplane's settings (unused with `no_dataplane`).
     pub dataplane: DataplaneArgs,
 }
@@ -323,6 +333,7 @@ impl fmt::Debug for RunConfig {
             .field("no_dataplane", &self.no_dataplane)
             .field("hello_interval", &self.hello_interval)
             .field("update_interval", &self.update_interval)
+            .field("message_deadline", &self.message_deadline)
             .finish()
     }
 }
@@ -408,6 +419,17 @@ impl RunConfig {
                 reason: "must be at least the hello interval and at most 655.35s",
             });
         }
+        let message_deadline = match (args.message_deadline, file.message_deadline) {
+            (Some(d), _) => d,
+            (None, Some(s)) => parse_duration(&s)?,
+            (None, None) => DEFAULT_MESSAGE_DEADLINE,
+        };
+        if message_deadline < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid {
+                name: "message deadline",
+                reason: "must be at least 100ms",
+            });
+        }
         Ok(RunConfig {
             key_file,
             port,
@@ -417,6 +439,7 @@ impl RunConfig {
             no_dataplane: args.no_dataplane || file.no_dataplane,
             hello_interval,
             update_interval,
+            message_deadline,
             dataplane: DataplaneArgs {
                 bin: args.dataplane_bin.clone(),
                 workers: args.workers,

@@ -6,26 +6,31 @@
 
 use std::net::IpAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hypha_proto::babel::Prefix;
 use hypha_proto::key;
 use hypha_proto::time::Clock;
 
-use crate::api::Snapshot;
+use crate::api::{PeerChange, Snapshot};
 use crate::bus::api::{ApiServer as BusApiServer, Fallback, MessageApi, Reply};
-use crate::bus::shared::{NoTransport, SharedBus};
+use crate::bus::shared::SharedBus;
 use crate::bus::BusConfig;
 use crate::config::{RunArgs, RunConfig};
 use crate::fib::FibTable;
 use crate::runtime::dataplane::{DataplaneOptions, ShmUnderlay};
-use crate::runtime::event_loop::EventLoop;
+use crate::runtime::event_loop::{Commands, EventLoop, LoopTransport};
 use crate::runtime::node::{Identity, Node, NodeConfig};
+use crate::runtime::peers::PeerError;
 use crate::runtime::signals::Signals;
-use crate::runtime::underlay::SocketUnderlay;
+use crate::runtime::underlay::{SocketUnderlay, Underlay};
 use hypha_proto::addr::OverlayAddr;
 use hypha_proto::key::PublicKey;
+
+/// How long an API request waits for the event loop to apply a peer change.
+const PEER_CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where `hypha-dp` is: `--dataplane-bin`, else next to this executable.
 fn dataplane_bin(config: &RunConfig) -> std::path::PathBuf {
@@ -157,21 +162,21 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
         },
         ..Snapshot::default()
     }));
-    // The message bus. Without a dataplane there are no E2E sessions, so only messages to our own
-    // address are delivered; frames for other nodes are dropped and retransmitted until their
-    // deadline (the dataplane integration replaces NoTransport).
+    // The message bus. Its driver starts with the event loop, whose command channel carries its
+    // frames to the dataplane (without one, frames for other nodes are counted and dropped, and
+    // only messages to our own address are delivered).
     let own =
         OverlayAddr::new(identity.addr).map_err(|e| DaemonError::Loop(std::io::Error::other(e)))?;
     let bus = SharedBus::new(
         BusConfig {
             rng_seed: rand::random(),
+            default_deadline: config.message_deadline,
             ..BusConfig::default()
         },
         own,
     );
-    let _bus_driver = bus
-        .spawn_driver(Box::new(NoTransport::default()))
-        .map_err(DaemonError::Loop)?;
+    // The loop's command channel, once the loop exists (peer changes before that get 503).
+    let commands: Arc<OnceLock<Commands>> = Arc::new(OnceLock::new());
     let keys_snapshot = Arc::clone(&snapshot);
     let message_api = Arc::new(MessageApi::new(
         Arc::clone(&bus),
@@ -180,7 +185,25 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
     ));
     let admin_snapshot = Arc::clone(&snapshot);
     let admin_bus = Arc::clone(&bus);
-    let fallback: Fallback = Box::new(move |method, url, _body| {
+    let peer_commands = Arc::clone(&commands);
+    let fallback: Fallback = Box::new(move |method, url, body| {
+        let apply = |change: PeerChange| {
+            let Some(c) = peer_commands.get() else {
+                return Err(PeerError::Unavailable);
+            };
+            let (endpoint, add) = match change {
+                PeerChange::Add(e) => (e, true),
+                PeerChange::Remove(e) => (e, false),
+            };
+            c.change_peer(endpoint, add, PEER_CHANGE_TIMEOUT)
+        };
+        if let Some(r) = crate::api::peers_request(method, url, body, &apply) {
+            return Reply {
+                status: r.status,
+                body: r.body,
+                content_type: "application/json",
+            };
+        }
         let mut snap = (**admin_snapshot.load()).clone();
         add_bus_stats(&mut snap, &admin_bus);
         let r = crate::api::dispatch(method, url, &snap);
@@ -221,9 +244,9 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
             source,
         })?;
         let node = new_node(&node_config);
-        EventLoop::new(node, underlay, signals, clock, snapshot.clone(), start_unix)
-            .run()
-            .map_err(DaemonError::Loop)?
+        let l = EventLoop::new(node, underlay, signals, clock, snapshot.clone(), start_unix)
+            .map_err(DaemonError::Loop)?;
+        drive(l, &bus, &commands)?
     } else {
         let underlay = ShmUnderlay::start(dataplane_options(config, identity.addr), clock)?;
         let mut cfg = node_config.clone();
@@ -233,23 +256,49 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
             }
         }
         let node = new_node(&cfg);
-        EventLoop::new(node, underlay, signals, clock, snapshot.clone(), start_unix)
-            .run()
-            .map_err(DaemonError::Loop)?
+        let l = EventLoop::new(node, underlay, signals, clock, snapshot.clone(), start_unix)
+            .map_err(DaemonError::Loop)?;
+        drive(l, &bus, &commands)?
     };
     tracing::info!(signal = signo, "shutting down");
     drop(api);
     Ok(())
 }
 
-/// The key of the node at `a`, from what the snapshot knows (linked peers' keys).
+/// Runs the event loop with the bus driver attached to its command channel, until a signal.
+fn drive<U: Underlay>(
+    event_loop: EventLoop<FibTable, U>,
+    bus: &Arc<SharedBus>,
+    commands: &OnceLock<Commands>,
+) -> Result<i32, DaemonError> {
+    let mut event_loop = event_loop.with_bus(Arc::clone(bus));
+    let c = event_loop.commands();
+    // Dropped (stopped) when the loop returns.
+    let _bus_driver = bus
+        .spawn_driver(Box::new(LoopTransport::new(c.clone())))
+        .map_err(DaemonError::Loop)?;
+    let _ = commands.set(c);
+    event_loop.run().map_err(DaemonError::Loop)
+}
+
+/// The key of the node at `a`, from what the snapshot knows: linked peers' keys, then the origin
+/// key of the route to `a`'s /64.
 fn key_of(snap: &Snapshot, a: OverlayAddr) -> Option<PublicKey> {
     let ip = a.to_string();
-    snap.peers
+    let from_peer = snap
+        .peers
         .iter()
         .filter(|p| p.overlay_ip.as_deref() == Some(ip.as_str()))
         .find_map(|p| p.pubkey.as_deref())
-        .and_then(|k| k.parse().ok())
+        .and_then(|k| k.parse().ok());
+    if from_peer.is_some() {
+        return from_peer;
+    }
+    let s = std::net::Ipv6Addr::from(a).segments();
+    let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+    let key = PublicKey::from_bytes(*snap.origin_keys.get(&net)?);
+    // The route filter already ties a /64 to its key; checked again since this answer names a key.
+    (key.subnet().addr() == net).then_some(key)
 }
 
 /// Puts the message bus's counters under `bus` in `GET /api/v1/admin/stats`.

@@ -9,6 +9,7 @@
 mod server;
 
 use std::collections::BTreeMap;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -158,6 +159,10 @@ pub struct Snapshot {
     pub fallback: Vec<RouteInfo>,
     /// Counters.
     pub stats: Stats,
+    /// The public key of every node with a selected route, by the base address of its /64 (the
+    /// key came with the route's update).
+    #[serde(default)]
+    pub origin_keys: BTreeMap<Ipv6Addr, [u8; 32]>,
 }
 
 /// The loop's handle for publishing and the API's for reading.
@@ -220,6 +225,67 @@ pub fn dispatch(method: &str, url: &str, snap: &Snapshot) -> Reply {
     }
 }
 
+/// A change to the peer list asked for through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerChange {
+    /// Add a configured peer at this endpoint.
+    Add(SocketAddr),
+    /// Remove the peer at this endpoint and tear its links down.
+    Remove(SocketAddr),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddPeerBody {
+    endpoint: String,
+}
+
+/// Answers `POST /api/v1/admin/peers` (body `{"endpoint": "udp://IP:PORT"}`: 204 added, 400 bad,
+/// 409 exists) and `DELETE /api/v1/admin/peers/{endpoint}` (URL-encoded endpoint: 204 removed,
+/// 400 bad, 404 unknown), Mycelium's shapes, by calling `apply`. `None` for any other request.
+pub fn peers_request(
+    method: &str,
+    url: &str,
+    body: &[u8],
+    apply: &dyn Fn(PeerChange) -> Result<(), crate::runtime::peers::PeerError>,
+) -> Option<Reply> {
+    use crate::runtime::peers::PeerError;
+    let path = url.split_once('?').map_or(url, |(p, _)| p);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let change = if path == "/api/v1/admin/peers" && method == "POST" {
+        let b: AddPeerBody = match serde_json::from_slice(body) {
+            Ok(b) => b,
+            Err(e) => return Some(error(400, &format!("invalid request body: {e}"))),
+        };
+        match b.endpoint.parse::<crate::config::PeerEndpoint>() {
+            Ok(e) => PeerChange::Add(e.0),
+            Err(e) => return Some(error(400, &e.to_string())),
+        }
+    } else if let Some(raw) = path.strip_prefix("/api/v1/admin/peers/") {
+        if method != "DELETE" {
+            return Some(error(405, "method not allowed"));
+        }
+        let Some(ep) = crate::bus::api::percent_decode(raw) else {
+            return Some(error(400, "the endpoint is not valid percent-encoding"));
+        };
+        match ep.parse::<crate::config::PeerEndpoint>() {
+            Ok(e) => PeerChange::Remove(e.0),
+            Err(e) => return Some(error(400, &e.to_string())),
+        }
+    } else {
+        return None;
+    };
+    Some(match apply(change) {
+        Ok(()) => Reply {
+            status: 204,
+            body: String::new(),
+        },
+        Err(e @ PeerError::AlreadyExists) => error(409, &e.to_string()),
+        Err(e @ PeerError::NotFound) => error(404, &e.to_string()),
+        Err(e) => error(503, &e.to_string()),
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -264,7 +330,49 @@ pub(crate) mod tests {
                 next_hop_ip: None,
             }],
             stats,
+            origin_keys: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn peer_changes_have_mycelium_codes() {
+        use crate::runtime::peers::PeerError;
+        use std::sync::Mutex;
+        let seen = Mutex::new(Vec::new());
+        let apply = |c: PeerChange| {
+            let mut seen = seen.lock().unwrap();
+            let r = match c {
+                PeerChange::Add(_) if seen.contains(&c) => Err(PeerError::AlreadyExists),
+                PeerChange::Remove(e) if !seen.contains(&PeerChange::Add(e)) => {
+                    Err(PeerError::NotFound)
+                }
+                _ => Ok(()),
+            };
+            seen.push(c);
+            r
+        };
+        let post = |b: &str| peers_request("POST", "/api/v1/admin/peers", b.as_bytes(), &apply);
+        let ok = r#"{"endpoint":"udp://10.0.0.2:9651"}"#;
+        assert_eq!(post(ok).map(|r| r.status), Some(204));
+        assert_eq!(post(ok).map(|r| r.status), Some(409));
+        for bad in [
+            r#"{"endpoint":"tcp://10.0.0.2:9651"}"#,
+            r#"{"endpoint":"udp://10.0.0.2"}"#,
+            r#"{"ep":"udp://10.0.0.2:9651"}"#,
+            "not json",
+        ] {
+            assert_eq!(post(bad).map(|r| r.status), Some(400), "{bad}");
+        }
+        let del = |p: &str| peers_request("DELETE", p, b"", &apply).map(|r| r.status);
+        assert_eq!(
+            del("/api/v1/admin/peers/udp%3A%2F%2F10.0.0.2%3A9651"),
+            Some(204)
+        );
+        assert_eq!(del("/api/v1/admin/peers/udp://10.0.0.9:9651"), Some(404));
+        assert_eq!(del("/api/v1/admin/peers/udp%3A%2F%2Fnope"), Some(400));
+        assert_eq!(del("/api/v1/admin/peers/%zz"), Some(400));
+        assert!(peers_request("GET", "/api/v1/admin/peers", b"", &apply).is_none());
+        assert!(peers_request("POST", "/api/v1/admin", b"", &apply).is_none());
     }
 
     fn get(path: &str) -> (u16, serde_json::Value) {

@@ -186,7 +186,7 @@ fn query<'a>(url: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Decodes `%XX` escapes (query values and path segments).
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -27,6 +27,10 @@ pub trait BusTransport: Send + 'static {
     /// Sends one bus frame to `dst`. A frame that cannot go (no route, no session) is simply lost;
     /// the bus retransmits.
     fn send(&mut self, dst: OverlayAddr, frame: &[u8]);
+
+    /// Called after a batch of [`BusTransport::send`]s (a transport may wake its consumer once
+    /// per batch rather than per frame).
+    fn flush(&mut self) {}
 }
 
 /// A transport for a node without a dataplane: frames for other nodes are dropped (counted).
@@ -188,6 +192,7 @@ impl SharedBus {
                 for (dst, frame) in out.drain(..) {
                     transport.send(dst, &frame);
                 }
+                transport.flush();
                 guard = self.lock();
                 continue;
             }

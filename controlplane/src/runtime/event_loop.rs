@@ -6,25 +6,162 @@
 //! due, and sleeps until the earliest deadline. Socket interest comes from state (as in rustls'
 //! `event_set()`): WRITABLE is asked for only while a datagram waits after a full send buffer.
 //! Everything underlay-specific sits behind [`Underlay`].
+//!
+//! Other threads (the message bus driver, the API) reach the node through [`Commands`]: a
+//! bounded channel of [`Command`]s plus a [`mio::Waker`], drained at the top of every iteration.
+//! Bus frames the node received go the other way, straight into the [`SharedBus`] (whose own
+//! mutex and driver thread take it from there).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hypha_proto::addr::OverlayAddr;
 use hypha_proto::time::{Clock, Instant};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::node::Node;
+use super::peers::PeerError;
 use super::signals::Signals;
 use super::underlay::{Input, Underlay};
 use crate::api::SharedSnapshot;
+use crate::bus::shared::{BusTransport, SharedBus};
 use crate::fib::FibSink;
 
 const SOCKET: Token = Token(0);
 const SIGNALS: Token = Token(1);
+const WAKER: Token = Token(2);
+
+/// Commands queued for the loop at most; more are refused (a bus frame is then lost and
+/// retransmitted by the bus, a peer change answered "unavailable").
+const COMMAND_QUEUE: usize = 4096;
+/// Commands taken per iteration before the underlay gets its turn again.
+const COMMAND_BATCH: usize = 1024;
+
+/// What other threads ask of the node.
+#[derive(Debug)]
+pub enum Command {
+    /// Send one message-bus frame to `dst` (sealed by the dataplane under the E2E session).
+    BusFrame {
+        /// The destination node.
+        dst: Ipv6Addr,
+        /// The frame.
+        frame: Vec<u8>,
+    },
+    /// Add a configured peer; the outcome goes back on `reply`.
+    AddPeer {
+        /// Its underlay endpoint.
+        endpoint: SocketAddr,
+        /// Where the outcome goes.
+        reply: SyncSender<Result<(), PeerError>>,
+    },
+    /// Remove a peer and tear its links down; the outcome goes back on `reply`.
+    RemovePeer {
+        /// Its underlay endpoint.
+        endpoint: SocketAddr,
+        /// Where the outcome goes.
+        reply: SyncSender<Result<(), PeerError>>,
+    },
+}
+
+/// The sending side of the loop's command channel; cheap to clone, usable from any thread.
+#[derive(Debug, Clone)]
+pub struct Commands {
+    tx: SyncSender<Command>,
+    waker: Arc<Waker>,
+    refused: Arc<AtomicU64>,
+}
+
+impl Commands {
+    /// Queues `cmd` without waking the loop (see [`Commands::wake`]); false if the queue is full
+    /// or the loop has gone (counted).
+    pub fn push(&self, cmd: Command) -> bool {
+        match self.tx.try_send(cmd) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Wakes the loop so it takes the queued commands.
+    pub fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            tracing::debug!(error = %e, "cannot wake the event loop");
+        }
+    }
+
+    /// Queues `cmd` and wakes the loop.
+    pub fn send(&self, cmd: Command) -> bool {
+        let ok = self.push(cmd);
+        self.wake();
+        ok
+    }
+
+    /// Asks the loop to add (`add`) or remove a peer and waits up to `timeout` for the outcome.
+    pub fn change_peer(
+        &self,
+        endpoint: SocketAddr,
+        add: bool,
+        timeout: Duration,
+    ) -> Result<(), PeerError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let cmd = if add {
+            Command::AddPeer { endpoint, reply }
+        } else {
+            Command::RemovePeer { endpoint, reply }
+        };
+        if !self.send(cmd) {
+            return Err(PeerError::Unavailable);
+        }
+        rx.recv_timeout(timeout)
+            .unwrap_or(Err(PeerError::Unavailable))
+    }
+
+    /// Commands refused so far (queue full or loop gone).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// The bus driver's way out: each frame becomes a [`Command::BusFrame`]; the loop is woken once
+/// per batch.
+#[derive(Debug)]
+pub struct LoopTransport {
+    commands: Commands,
+    queued: bool,
+}
+
+impl LoopTransport {
+    /// A transport through `commands`.
+    pub fn new(commands: Commands) -> Self {
+        LoopTransport {
+            commands,
+            queued: false,
+        }
+    }
+}
+
+impl BusTransport for LoopTransport {
+    fn send(&mut self, dst: OverlayAddr, frame: &[u8]) {
+        self.queued |= self.commands.push(Command::BusFrame {
+            dst: dst.into(),
+            frame: frame.to_vec(),
+        });
+    }
+
+    fn flush(&mut self) {
+        if std::mem::take(&mut self.queued) {
+            self.commands.wake();
+        }
+    }
+}
 
 /// Datagrams read per wakeup before timers get their turn.
 const RX_BATCH: usize = 256;
@@ -44,6 +181,11 @@ pub struct EventLoop<F: FibSink, U: Underlay> {
     clock: Clock,
     snapshot: SharedSnapshot,
     start_unix: u64,
+    /// Created with the loop so the waker can be registered before [`EventLoop::run`].
+    poll: Option<Poll>,
+    commands: Commands,
+    command_rx: Receiver<Command>,
+    bus: Option<Arc<SharedBus>>,
 }
 
 impl<F: FibSink, U: Underlay> EventLoop<F, U> {
@@ -56,20 +198,85 @@ impl<F: FibSink, U: Underlay> EventLoop<F, U> {
         clock: Clock,
         snapshot: SharedSnapshot,
         start_unix: u64,
-    ) -> Self {
-        EventLoop {
+    ) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, command_rx) = mpsc::sync_channel(COMMAND_QUEUE);
+        Ok(EventLoop {
             node,
             underlay,
             signals,
             clock,
             snapshot,
             start_unix,
+            poll: Some(poll),
+            commands: Commands {
+                tx,
+                waker,
+                refused: Arc::new(AtomicU64::new(0)),
+            },
+            command_rx,
+            bus: None,
+        })
+    }
+
+    /// The handle other threads use to send the loop [`Command`]s.
+    pub fn commands(&self) -> Commands {
+        self.commands.clone()
+    }
+
+    /// Hands every message-bus frame the node receives to `bus`.
+    pub fn with_bus(mut self, bus: Arc<SharedBus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Applies queued commands and moves received bus frames to the bus; true if commands are
+    /// left for the next iteration.
+    fn handle_commands(&mut self, now: Instant) -> bool {
+        let mut more = true;
+        for _ in 0..COMMAND_BATCH {
+            let cmd = match self.command_rx.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
+                    more = false;
+                    break;
+                }
+            };
+            match cmd {
+                Command::BusFrame { dst, frame } => {
+                    // Without a session the dataplane drops it and reports "no session", which
+                    // starts the E2E handshake; the bus retransmits.
+                    self.node.send_bus_frame(dst, &frame);
+                }
+                Command::AddPeer { endpoint, reply } => {
+                    // The asker may have given up waiting: nothing to do then.
+                    let _ = reply.try_send(self.node.add_peer(now, endpoint));
+                }
+                Command::RemovePeer { endpoint, reply } => {
+                    let _ = reply.try_send(self.node.remove_peer(now, endpoint));
+                }
+            }
         }
+        while let Some((src, frame)) = self.node.poll_bus_frame() {
+            let Some(bus) = &self.bus else { continue };
+            let Ok(src) = OverlayAddr::new(src) else {
+                continue;
+            };
+            // Errors are counted by the bus (malformed or misbehaving frames).
+            if let Err(e) = bus.handle_frame(src, &frame) {
+                tracing::trace!(%src, error = %e, "bus frame dropped");
+            }
+        }
+        more
     }
 
     fn publish(&mut self) {
         let mut snap = self.node.snapshot(self.start_unix);
         self.underlay.stats(&mut snap.stats);
+        if let Some(rt) = snap.stats.get_mut("runtime") {
+            rt.insert("commands_refused".into(), self.commands.refused());
+        }
         self.snapshot.store(Arc::new(snap));
     }
 
@@ -84,7 +291,17 @@ impl<F: FibSink, U: Underlay> EventLoop<F, U> {
     }
 
     fn run_inner(&mut self) -> io::Result<i32> {
-        let mut poll = Poll::new()?;
+        // Taken out for the run so `self` can be borrowed mutably next to it.
+        let mut poll = self
+            .poll
+            .take()
+            .ok_or_else(|| io::Error::other("the event loop ran already"))?;
+        let r = self.run_with(&mut poll);
+        self.poll = Some(poll);
+        r
+    }
+
+    fn run_with(&mut self, poll: &mut Poll) -> io::Result<i32> {
         self.underlay.register(poll.registry(), SOCKET)?;
         let sigfd = self.signals.as_raw_fd();
         poll.registry()
@@ -99,6 +316,7 @@ impl<F: FibSink, U: Underlay> EventLoop<F, U> {
 
         self.node.handle_timeout(self.clock.now());
         loop {
+            let more_commands = self.handle_commands(self.clock.now());
             while let Some(cmd) = self.node.poll_dataplane() {
                 if let Err(e) = self.underlay.apply(cmd) {
                     tracing::debug!(error = %e, "dataplane command failed");
@@ -167,7 +385,7 @@ impl<F: FibSink, U: Underlay> EventLoop<F, U> {
             if !more_to_read && !self.underlay.prepare_sleep()? {
                 more_to_read = true;
             }
-            let timeout = if more_to_read {
+            let timeout = if more_to_read || more_commands {
                 Some(Duration::ZERO)
             } else {
                 deadline.map(|d| d.saturating_duration_since(self.clock.now()))

@@ -32,7 +32,7 @@ use hypha_proto::babel::Prefix;
 use hypha_proto::time::Instant;
 use hypha_proto::wire::FrameType;
 
-use super::peers::PeerTable;
+use super::peers::{PeerError, PeerTable};
 use crate::api::{AdminInfo, Metric, RouteInfo, Snapshot, Stats};
 use crate::babel::{
     Event as RouterEvent, InterfaceConfig, InterfaceId, RouteFilter, Router, RouterConfig,
@@ -220,6 +220,14 @@ pub struct RuntimeCounters {
     pub bus_frames_received: u64,
     /// Message-bus frames dropped because the bus queue was full.
     pub bus_frames_dropped: u64,
+    /// Message-bus frames handed to the dataplane for sealing and sending.
+    pub bus_frames_sent: u64,
+    /// Message-bus frames that could not go (no dataplane); the bus retransmits them.
+    pub bus_frames_unsendable: u64,
+    /// Peers added at run time (API).
+    pub peers_added: u64,
+    /// Peers removed at run time (API).
+    pub peers_removed: u64,
 }
 
 /// Bus frames received and not yet taken by the bus.
@@ -382,8 +390,10 @@ impl<F: FibSink> Node<F> {
     pub fn send_bus_frame(&mut self, dst: Ipv6Addr, frame: &[u8]) -> bool {
         use hypha_proto::wire::data::{Kind, PayloadType, Repr, HEADER_LEN};
         if self.e2e.is_none() {
+            self.counters.bus_frames_unsendable += 1;
             return false;
         }
+        self.counters.bus_frames_sent += 1;
         let repr = Repr {
             hop_limit: e2e::DEFAULT_HOP_LIMIT,
             kind: Kind::Transport,
@@ -404,6 +414,31 @@ impl<F: FibSink> Node<F> {
         self.dp
             .push_back(DataplaneCommand::SendOverlay { dst, packet });
         true
+    }
+
+    /// Adds a configured peer at run time (the API's `POST /api/v1/admin/peers`); the first
+    /// connect attempt is made at once.
+    pub fn add_peer(&mut self, now: Instant, endpoint: SocketAddr) -> Result<(), PeerError> {
+        self.peers.add(now, endpoint)?;
+        tracing::info!(%endpoint, "peer added");
+        self.counters.peers_added += 1;
+        self.changed = true;
+        self.process(now);
+        Ok(())
+    }
+
+    /// Removes a peer at run time (`DELETE /api/v1/admin/peers/{endpoint}`): it is no longer
+    /// retried and its links are torn down, so routes through it are retracted.
+    pub fn remove_peer(&mut self, now: Instant, endpoint: SocketAddr) -> Result<(), PeerError> {
+        let links = self.peers.remove(endpoint)?;
+        tracing::info!(%endpoint, links = links.len(), "peer removed");
+        self.counters.peers_removed += 1;
+        for link in links {
+            self.link.close(now, link);
+        }
+        self.changed = true;
+        self.process(now);
+        Ok(())
     }
 
     /// The next command for the dataplane (nothing without one).
@@ -756,12 +791,24 @@ impl<F: FibSink> Node<F> {
                 fallback.push(info);
             }
         }
+        // Every routed destination's key (RFC 8966 update sub-TLV 112), so the API can name the
+        // key of any reachable node, not only of neighbours.
+        let origin_keys = self
+            .router
+            .routes()
+            .filter(|r| r.selected)
+            .filter_map(|r| match (r.prefix.addr(), r.origin_key) {
+                (IpAddr::V6(net), Some(k)) => Some((net, *k)),
+                _ => None,
+            })
+            .collect();
         Snapshot {
             admin,
             peers: self.peers.infos(),
             selected,
             fallback,
             stats: self.stats(),
+            origin_keys,
         }
     }
 
@@ -836,6 +883,15 @@ impl<F: FibSink> Node<F> {
             ("links_up", c.links_up),
             ("links_down", c.links_down),
             ("peers_alive", self.peers.alive() as u64),
+            ("dp_no_session", c.dp_no_session),
+            ("dp_no_route", c.dp_no_route),
+            ("dp_local_unknown", c.dp_local_unknown),
+            ("bus_frames_received", c.bus_frames_received),
+            ("bus_frames_dropped", c.bus_frames_dropped),
+            ("bus_frames_sent", c.bus_frames_sent),
+            ("bus_frames_unsendable", c.bus_frames_unsendable),
+            ("peers_added", c.peers_added),
+            ("peers_removed", c.peers_removed),
         ] {
             rt.insert(k.into(), v);
         }

@@ -56,6 +56,21 @@ impl<L> Peer<L> {
     }
 }
 
+/// Why a peer could not be added or removed at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The endpoint is already a configured peer.
+    #[error("the peer already exists")]
+    AlreadyExists,
+    /// No peer has this endpoint.
+    #[error("no such peer")]
+    NotFound,
+    /// The event loop did not take the command (it is stopping or overloaded).
+    #[error("the node did not answer")]
+    Unavailable,
+}
+
 /// Peers by endpoint (underlay address, IPv4 addresses never v4-mapped).
 #[derive(Debug)]
 pub struct PeerTable<L> {
@@ -74,6 +89,32 @@ impl<L: Copy + Eq> PeerTable<L> {
             peers,
             rng: StdRng::seed_from_u64(seed),
         }
+    }
+
+    /// Adds a configured peer at run time, due for a connect attempt at `now`. A peer that is
+    /// connected to us already (inbound) becomes configured and keeps its links.
+    pub fn add(&mut self, now: Instant, endpoint: SocketAddr) -> Result<(), PeerError> {
+        match self.peers.get_mut(&endpoint) {
+            Some(p) if p.kind == PeerType::Static => Err(PeerError::AlreadyExists),
+            Some(p) => {
+                p.kind = PeerType::Static;
+                p.attempt = Attempt::Wait(now);
+                Ok(())
+            }
+            None => {
+                self.peers
+                    .insert(endpoint, Peer::new(PeerType::Static, now));
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets a peer (configured or inbound); returns its links, which the caller tears down.
+    pub fn remove(&mut self, endpoint: SocketAddr) -> Result<Vec<L>, PeerError> {
+        self.peers
+            .remove(&endpoint)
+            .map(|p| p.links)
+            .ok_or(PeerError::NotFound)
     }
 
     /// The next configured peer that is due for a connect attempt; marks it as connecting.
