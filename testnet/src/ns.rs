@@ -98,9 +98,11 @@ where
     Ok(cmd)
 }
 
-/// Runs `cmd` to completion, capturing its output (stdin is /dev/null).
+/// Runs `cmd` to completion, capturing its output (stdin is /dev/null). The command gets its own
+/// process group, so a Ctrl-C at the terminal (meant for the test or `hypha demo`, which then
+/// tears down) cannot kill an `ip link del` of that teardown half-way.
 pub(crate) fn output(mut cmd: Command) -> Result<Output> {
-    cmd.stdin(Stdio::null());
+    cmd.stdin(Stdio::null()).process_group(0);
     cmd.output().map_err(|source| Error::Spawn {
         cmd: display_command(&cmd),
         source,
@@ -143,7 +145,8 @@ pub(crate) fn nft_script(ns: &str, script: &str) -> Result<()> {
     command_in_netns(&mut cmd, ns)?;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
     let line = format!("nft -f - (in {ns}) <<{script}");
     let mut child = cmd.spawn().map_err(|source| Error::Spawn {
         cmd: line.clone(),

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -255,11 +256,12 @@ fn ring_text(n: usize, links: &[(usize, usize)]) -> String {
     }
 }
 
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn hops_text<T>(path: &[T]) -> String {
-    match path.len().saturating_sub(1) {
-        1 => "1 hop".into(),
-        n => format!("{n} hops"),
-    }
+    counted(path.len().saturating_sub(1), "hop", "hops")
 }
 
 fn path_text(p: &[usize]) -> String {
@@ -628,24 +630,27 @@ fn preflight() -> Result<(PathBuf, PathBuf), DemoError> {
     Ok((hypha, dataplane))
 }
 
-fn step_network(
+fn step_network<'a>(
     ui: &mut Ui,
     n: usize,
     hypha: PathBuf,
     dataplane: PathBuf,
     summary: &mut Summary,
-) -> Result<Demo, DemoError> {
+    slot: &'a mut Option<Demo>,
+) -> Result<&'a mut Demo, DemoError> {
     ui.start("network", "creating namespaces and links");
     let t = Instant::now();
     let net = TestNet::with_prefix(TAG_PREFIX, "demo")?;
     summary.tag = net.tag().to_string();
-    let mut demo = Demo {
+    // In the caller's hands from here on, so that a failure half-way is cleaned up (and reported)
+    // like any other.
+    let demo = slot.insert(Demo {
         net,
         nodes: Vec::new(),
         links: Vec::new(),
         hypha,
         dataplane,
-    };
+    });
     for i in 0..n {
         check_stop()?;
         let name = node_name(i);
@@ -1119,8 +1124,10 @@ fn namespace_pids(demo: &Demo) -> Vec<i32> {
     let me = std::process::id().to_string();
     let mut pids = Vec::new();
     for n in &demo.nodes {
+        // Its own process group: a second Ctrl-C must not cut the cleanup short.
         if let Ok(out) = Command::new("ip")
             .args(["netns", "pids", n.node.netns()])
+            .process_group(0)
             .output()
         {
             pids.extend(
@@ -1181,8 +1188,10 @@ fn step_cleanup(ui: &mut Ui, demo: Demo, summary: &mut Summary) -> bool {
         "cleanup",
         &if ok {
             format!(
-                "stopped {} processes, removed {namespaces} namespaces and {links} links in {:.1} s; nothing left",
-                pids.len(),
+                "stopped {}, removed {} and {} in {:.1} s; nothing left",
+                counted(pids.len(), "process", "processes"),
+                counted(namespaces, "namespace", "namespaces"),
+                counted(links, "link", "links"),
                 took.as_secs_f64()
             )
         } else {
@@ -1283,7 +1292,7 @@ pub fn run(args: &DemoArgs, json: bool) -> ExitCode {
     let mut demo = None;
     let mut checks_ok = true;
     let result = (|| -> Result<(), DemoError> {
-        let d = demo.insert(step_network(&mut ui, n, hypha, dataplane, &mut summary)?);
+        let d = step_network(&mut ui, n, hypha, dataplane, &mut summary, &mut demo)?;
         let started = step_start(&mut ui, d, &mut summary)?;
         step_converge(&mut ui, d, started, &mut summary)?;
         let far = farthest(n, &topology(n));
