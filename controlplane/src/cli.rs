@@ -58,8 +58,7 @@ pub enum Command {
     Routes(hypha_controlplane::client::RoutesArgs),
     /// Show the running node's counters (control plane and dataplane, per subsystem and reason).
     Stats(hypha_controlplane::client::StatsArgs),
-    /// Try Hypha on this machine (as root): N nodes in network namespaces, routes, ping, a
-    /// message, a cut link, then everything removed again.
+    /// Try Hypha on this machine (root): nodes in namespaces, ping, a message, a reroute.
     ///
     /// Builds N nodes (default 4), each in its own network namespace (`hd<pid>-0-a`, `-b`, ...)
     /// with its own key, linked by veth pairs in a ring (two parallel links for 2 nodes, chords
@@ -82,6 +81,7 @@ pub enum Command {
     /// SIGTERM at any point stops the nodes and removes everything. Needs root, iproute2 and
     /// iputils-ping. Exit code: 0 when every step worked, 1 when one failed, 2 when the demo could
     /// not start, 128 + the signal number when interrupted.
+    #[command(verbatim_doc_comment)]
     Demo(demo::DemoArgs),
     /// Lab mode: run the Babel core alone as a standard RFC 8966 router on real interfaces
     /// (interoperable with babeld and BIRD), or `lab dump` a running one. See docs/lab.md.

@@ -34,7 +34,7 @@ const MIN_NODES: u8 = 2;
 const MAX_NODES: u8 = 16;
 /// The tag prefix of the demo's namespaces and veths (`hd<pid>-0-a`, ...), so they are told apart
 /// from the tests' (`hy...`).
-pub const TAG_PREFIX: &str = "hd";
+const TAG_PREFIX: &str = "hd";
 /// Every node's API, inside its own namespace.
 const API: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8989);
 /// Every node's underlay port.
@@ -76,6 +76,9 @@ pub enum DemoError {
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(#[source] nix::errno::Errno),
+    /// The thread that waits for signals could not be started.
+    #[error("cannot start the signal thread: {0}")]
+    SignalThread(#[source] std::io::Error),
     /// Building or using the namespaces failed.
     #[error(transparent)]
     Net(#[from] hypha_testnet::Error),
@@ -101,10 +104,10 @@ pub enum DemoError {
 /// The first SIGINT/SIGTERM/SIGHUP received (0: none yet).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-/// Blocks the stop signals in this thread (and so in every thread and child started after it) and
-/// waits for them on a thread of its own, which only records them: the steps notice at their next
-/// check and unwind, and dropping the harness then cleans up. A second Ctrl-C during the cleanup
-/// is ignored, so the cleanup always finishes.
+/// Blocks the stop signals in this thread (and so in every thread started after it; `Command`
+/// resets the mask for children) and waits for them on a thread of its own, which only records
+/// them: the steps notice at their next check and unwind, and dropping the harness then cleans
+/// up. A second Ctrl-C during the cleanup is ignored, so the cleanup always finishes.
 fn watch_signals() -> Result<(), DemoError> {
     let mut set = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -118,9 +121,7 @@ fn watch_signals() -> Result<(), DemoError> {
                 let _ = SIGNAL.compare_exchange(0, sig as i32, Ordering::SeqCst, Ordering::SeqCst);
             }
         })
-        .map_err(|e| {
-            DemoError::Signals(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
-        })?;
+        .map_err(DemoError::SignalThread)?;
     Ok(())
 }
 
@@ -503,10 +504,10 @@ impl Demo {
     }
 
     /// The link whose end has underlay address `ip` (a next hop's endpoint).
-    fn link_of_ip(&self, ip: IpAddr) -> Option<usize> {
-        self.links.iter().position(|l| {
-            IpAddr::V4(l.link.a().ipv4()) == ip || IpAddr::V4(l.link.b().ipv4()) == ip
-        })
+    fn link_of_ip(&self, ip: IpAddr) -> Option<&DemoLink> {
+        self.links
+            .iter()
+            .find(|l| IpAddr::V4(l.link.a().ipv4()) == ip || IpAddr::V4(l.link.b().ipv4()) == ip)
     }
 
     /// The path packets from `from` to `to` take now, following each hop's selected route.
@@ -845,7 +846,7 @@ fn step_ping(ui: &mut Ui, demo: &Demo, far: usize, summary: &mut Summary) -> Res
             "{from} → {to} ({dst}), {} {}: {received}/{sent} replies, RTT avg {} (first reply after {:.1} s)",
             hops_text(&path),
             path_text(&path),
-            avg.map_or("-".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1000.0)),
+            avg.map(ms).map_or("-".into(), |m| format!("{m:.2} ms")),
             first_reply.as_secs_f64()
         ),
     );
@@ -1042,10 +1043,7 @@ fn step_reroute(
         });
         return Ok(false);
     };
-    let link = demo
-        .links
-        .get(cut)
-        .ok_or_else(|| DemoError::Timeout("no such link".into()))?;
+    let link = cut;
     let cut_names = [node_name(link.x), node_name(link.y)];
     ui.progress(format!(
         "cutting {}–{} (both veth ends down)",
