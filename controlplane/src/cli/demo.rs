@@ -48,6 +48,8 @@ const PING_COUNT: u32 = 5;
 /// How long a probing ping waits for its reply: RTTs here are around a millisecond, and a lost
 /// probe should not hide a working path for a whole second.
 const PROBE_WAIT: Duration = Duration::from_millis(250);
+/// Lines of each node's log shown when a step fails.
+const LOG_TAIL_LINES: usize = 10;
 /// The bus topic of the demo's message.
 const TOPIC: &str = "hypha-demo";
 
@@ -607,7 +609,9 @@ impl Demo {
             // One worker: up to 16 dataplanes share this machine. No XDP: nothing pinned in
             // bpffs that a killed run could leave behind.
             .args(["--workers", "1", "--xdp", "off", "--hello-interval", HELLO])
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            // The logs are files, shown on failure: no colour codes (hypha-dp inherits this).
+            .env("NO_COLOR", "1");
         for p in peers {
             cmd.arg("--peers").arg(format!("udp://{p}"));
         }
@@ -1117,6 +1121,22 @@ fn step_reroute(
     Ok(ok)
 }
 
+/// The last lines of every node's log, on stderr.
+fn print_log_tails(demo: &Demo) {
+    for n in &demo.nodes {
+        let Some(p) = &n.proc else { continue };
+        eprintln!(
+            "----- last lines of node {}'s log ({}) -----",
+            n.name,
+            p.log_path().display()
+        );
+        match p.log_tail(LOG_TAIL_LINES) {
+            Ok(tail) => eprintln!("{tail}"),
+            Err(e) => eprintln!("(cannot read it: {e})"),
+        }
+    }
+}
+
 /// PIDs of every process inside the demo's namespaces (the `hypha run`s and their `hypha-dp`s).
 fn namespace_pids(demo: &Demo) -> Vec<i32> {
     let me = std::process::id().to_string();
@@ -1308,6 +1328,12 @@ pub fn run(args: &DemoArgs, json: bool) -> ExitCode {
             .unwrap_or_else(|| "demo".into());
         ui.line(false, &step, &e.to_string());
         summary.error = Some(e.to_string());
+        // The logs go with the temporary directory at cleanup: show their ends while they exist.
+        if !matches!(e, DemoError::Interrupted(_) | DemoError::NodeExited { .. }) {
+            if let Some(d) = &demo {
+                print_log_tails(d);
+            }
+        }
     }
     let clean = match demo {
         Some(d) => step_cleanup(&mut ui, d, &mut summary),
