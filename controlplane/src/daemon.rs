@@ -191,11 +191,7 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
             let Some(c) = peer_commands.get() else {
                 return Err(PeerError::Unavailable);
             };
-            let (endpoint, add) = match change {
-                PeerChange::Add(e) => (e, true),
-                PeerChange::Remove(e) => (e, false),
-            };
-            c.change_peer(endpoint, add, PEER_CHANGE_TIMEOUT)
+            c.change_peer(change, PEER_CHANGE_TIMEOUT)
         };
         if let Some(r) = crate::api::peers_request(method, url, body, &apply) {
             return Reply {

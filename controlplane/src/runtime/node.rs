@@ -1144,6 +1144,45 @@ mod tests {
     }
 
     #[test]
+    fn peers_removed_and_added_at_run_time() {
+        let mut net = Net::new(3, &[(0, 1), (1, 2)], &[]);
+        net.run_until(Duration::from_secs(30), Net::converged)
+            .expect("converge");
+        let s0 = net.nodes[0].identity().subnet;
+        let now = net.now;
+        assert_eq!(net.nodes[1].remove_peer(now, addr(0)), Ok(()));
+        assert_eq!(
+            net.nodes[1].remove_peer(now, addr(0)),
+            Err(PeerError::NotFound)
+        );
+        // The link is gone at once on node 1; node 0 notices by its dead interval.
+        assert!(net.nodes[1].fib().get(&s0).is_none());
+        net.run_until(Duration::from_secs(30), |n| {
+            n.nodes[2].fib().get(&s0).is_none() && n.nodes[0].alive_peers() == 0
+        })
+        .expect("routes through the removed peer are retracted");
+        // Not retried: it stays gone.
+        net.run_until(Duration::from_secs(10), |_| false);
+        assert!(net.nodes[1]
+            .snapshot(0)
+            .peers
+            .iter()
+            .all(|p| p.endpoint.socket_addr != addr(0).to_string()));
+        assert!(net.nodes[0].fib().is_empty());
+
+        let now = net.now;
+        assert_eq!(net.nodes[1].add_peer(now, addr(0)), Ok(()));
+        assert_eq!(
+            net.nodes[1].add_peer(now, addr(0)),
+            Err(PeerError::AlreadyExists)
+        );
+        net.run_until(Duration::from_secs(30), Net::converged)
+            .expect("converge again");
+        let c = net.nodes[1].counters();
+        assert_eq!((c.peers_added, c.peers_removed), (1, 1));
+    }
+
+    #[test]
     fn peers_that_dial_each_other_share_one_link() {
         let mut net = Net::new(2, &[(0, 1), (1, 0)], &[]);
         net.run_until(Duration::from_secs(30), Net::converged)
