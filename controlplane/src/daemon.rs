@@ -313,7 +313,17 @@ fn add_bus_stats(snap: &mut Snapshot, bus: &SharedBus) {
         ("read", c.read),
         ("chunks_sent", c.chunks_sent),
         ("chunks_retransmitted", c.chunks_retransmitted),
+        ("chunks_received", c.chunks_received),
+        ("duplicate_chunks", c.duplicate_chunks),
+        ("chunks_refused_full", c.chunks_refused_full),
+        ("acks_sent", c.acks_sent),
+        ("acks_received", c.acks_received),
+        ("checksum_failures", c.checksum_failures),
         ("malformed_frames", c.malformed_frames),
+        ("misbehaving_frames", c.misbehaving_frames),
+        ("reassemblies_expired", c.reassemblies_expired),
+        ("outbound_active", c.outbound_active as u64),
+        ("reassemblies", c.reassemblies as u64),
     ] {
         g.insert(k.into(), v);
     }

@@ -252,6 +252,11 @@ impl<F: FibSink, U: Underlay> EventLoop<F, U> {
                 }
             }
         }
+        while let Some(dst) = self.node.poll_session_up() {
+            if let (Some(bus), Ok(dst)) = (&self.bus, OverlayAddr::new(dst)) {
+                bus.path_up(dst);
+            }
+        }
         while let Some((src, frame)) = self.node.poll_bus_frame() {
             let Some(bus) = &self.bus else { continue };
             let Ok(src) = OverlayAddr::new(src) else {
