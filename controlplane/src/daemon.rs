@@ -191,11 +191,7 @@ pub fn run_node(config: &RunConfig) -> Result<(), DaemonError> {
             let Some(c) = peer_commands.get() else {
                 return Err(PeerError::Unavailable);
             };
-            let (endpoint, add) = match change {
-                PeerChange::Add(e) => (e, true),
-                PeerChange::Remove(e) => (e, false),
-            };
-            c.change_peer(endpoint, add, PEER_CHANGE_TIMEOUT)
+            c.change_peer(change, PEER_CHANGE_TIMEOUT)
         };
         if let Some(r) = crate::api::peers_request(method, url, body, &apply) {
             return Reply {
@@ -317,7 +313,17 @@ fn add_bus_stats(snap: &mut Snapshot, bus: &SharedBus) {
         ("read", c.read),
         ("chunks_sent", c.chunks_sent),
         ("chunks_retransmitted", c.chunks_retransmitted),
+        ("chunks_received", c.chunks_received),
+        ("duplicate_chunks", c.duplicate_chunks),
+        ("chunks_refused_full", c.chunks_refused_full),
+        ("acks_sent", c.acks_sent),
+        ("acks_received", c.acks_received),
+        ("checksum_failures", c.checksum_failures),
         ("malformed_frames", c.malformed_frames),
+        ("misbehaving_frames", c.misbehaving_frames),
+        ("reassemblies_expired", c.reassemblies_expired),
+        ("outbound_active", c.outbound_active as u64),
+        ("reassemblies", c.reassemblies as u64),
     ] {
         g.insert(k.into(), v);
     }

@@ -304,11 +304,14 @@ fn lossy_delayed_line_carries_a_mebibyte_and_a_reply() {
         n.state("a", &id) == "received"
     })
     .unwrap_or_else(|_| panic!("status on a: {}", n.state("a", &id)));
+    // Diagnostics for the log: how hard the bus had to work.
     let stats = n.get("a", "/api/v1/admin/stats").unwrap_or_default();
     eprintln!(
         "a: bus {}\nruntime {}\ndataplane {}",
         stats["bus"], stats["runtime"], stats["dataplane"]
     );
+    let stats = n.get("c", "/api/v1/admin/stats").unwrap_or_default();
+    eprintln!("c: bus {}", stats["bus"]);
 
     // `hypha message send --wait` on a gets the reply c sends through the API.
     let reply = std::thread::scope(|s| {

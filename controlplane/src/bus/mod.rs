@@ -11,7 +11,7 @@
 //! message's deadline passes, which aborts it explicitly.
 //!
 //! [`Bus`] is a sans-IO core in quinn-proto's shape. Inputs: [`Bus::push`] (a command),
-//! [`Bus::handle_frame`], [`Bus::handle_timeout`]. After every input the caller drains, in this
+//! [`Bus::handle_frame`], [`Bus::handle_timeout`], [`Bus::handle_path_up`]. After every input the caller drains, in this
 //! order, [`Bus::poll_transmit`] (until `None`), then [`Bus::poll_event`], then sleeps until
 //! [`Bus::poll_timeout`]. Getters: [`Bus::status`], [`Bus::counters`]. Time always comes in as
 //! `now`; inputs must carry non-decreasing times; a spurious `handle_timeout` does nothing.
@@ -322,6 +322,9 @@ struct ChunkState {
     /// Counted against the window (queued or sent, not acked).
     in_window: bool,
     transmissions: u32,
+    /// Doublings of the RTO for this chunk's next retransmission: one per transmission, back to
+    /// one when the path shows progress again (an ack for new chunks), as TCP resets its backoff.
+    backoff: u32,
     sent_at: Option<Instant>,
     retransmit_at: Option<Instant>,
 }
@@ -804,6 +807,7 @@ impl Bus {
                 if c.acked && (ack.failed || !ack.acks(i as u32)) {
                     c.acked = false;
                     c.transmissions = 0;
+                    c.backoff = 0;
                     c.sent_at = None;
                     c.retransmit_at = None;
                     m.acked -= 1;
@@ -823,6 +827,7 @@ impl Bus {
         }
         // Selective-repeat bookkeeping over the part of the message the ack can describe.
         let hi = (ack.cumulative as u64 + 1 + (ack.bitmap.len() as u64) * 8).min(m.next_new as u64);
+        let acked_before = m.acked;
         let mut sample = None;
         for i in 0..hi as u32 {
             let Some(c) = m.chunks.get_mut(i as usize) else {
@@ -841,12 +846,22 @@ impl Bus {
                 }
             }
         }
+        let progress = m.acked > acked_before;
         if let Some(s) = sample {
             self.rtt_mut(src).on_sample(s);
         }
+        let rto = self.rtt_mut(src).rto();
         let Some(m) = self.outbound.get_mut(&id) else {
             return;
         };
+        if progress {
+            // The path works (again): chunks backed off while it didn't (no E2E session yet, a
+            // link down) are due one plain RTO from now instead of up to `max_rto`.
+            for c in m.chunks.iter_mut().filter(|c| !c.acked && c.backoff > 1) {
+                c.backoff = 1;
+                c.retransmit_at = c.retransmit_at.map(|t| t.min(now + rto));
+            }
+        }
         if m.acked == m.count() && m.probe_at.is_none() {
             // Everything acked; the COMPLETE may have been lost. Probe after an RTO.
             let rto = self
@@ -933,6 +948,24 @@ impl Bus {
                 self.inbound_status.remove(&id);
             } else {
                 break;
+            }
+        }
+    }
+
+    /// The runtime learned that frames to `dst` can go now where they could not before (its first
+    /// E2E session came up): every unacknowledged chunk to it that was sent (and so was dropped
+    /// for want of the session) becomes due at once, with its backoff reset, instead of waiting
+    /// out an RTO that may have backed off to `max_rto`. Call it only on such a transition: chunks
+    /// in flight on a working path would be sent twice.
+    pub fn handle_path_up(&mut self, now: Instant, dst: OverlayAddr) {
+        for m in self
+            .outbound
+            .values_mut()
+            .filter(|m| m.dst == dst && matches!(m.phase, OutPhase::Sending))
+        {
+            for c in m.chunks.iter_mut().filter(|c| !c.acked && c.backoff > 0) {
+                c.backoff = 0;
+                c.retransmit_at = c.retransmit_at.map(|t| t.min(now));
             }
         }
     }
@@ -1138,7 +1171,8 @@ impl Bus {
                 m.probes += 1;
                 m.probe_at = Some(now + rto_base.backed_off(m.probes));
             } else {
-                c.retransmit_at = Some(now + rto_base.backed_off(c.transmissions - 1));
+                c.retransmit_at = Some(now + rto_base.backed_off(c.backoff));
+                c.backoff += 1;
             }
             let topic: &[u8] = if i == 0 { &m.topic } else { &[] };
             DataChunk {

@@ -242,6 +242,13 @@ impl SharedBus {
         r
     }
 
+    /// Tells the bus that frames to `dst` can go now (see [`Bus::handle_path_up`]).
+    pub fn path_up(&self, dst: OverlayAddr) {
+        let mut g = self.lock();
+        g.bus.handle_path_up(self.clock.now(), dst);
+        self.wake_driver(g);
+    }
+
     /// Where a message stands.
     pub fn status(&self, id: MessageId) -> Option<MessageStatus> {
         self.lock().bus.status(id)

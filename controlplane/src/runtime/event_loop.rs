@@ -29,7 +29,7 @@ use super::node::Node;
 use super::peers::PeerError;
 use super::signals::Signals;
 use super::underlay::{Input, Underlay};
-use crate::api::SharedSnapshot;
+use crate::api::{PeerChange, SharedSnapshot};
 use crate::bus::shared::{BusTransport, SharedBus};
 use crate::fib::FibSink;
 
@@ -104,18 +104,12 @@ impl Commands {
         ok
     }
 
-    /// Asks the loop to add (`add`) or remove a peer and waits up to `timeout` for the outcome.
-    pub fn change_peer(
-        &self,
-        endpoint: SocketAddr,
-        add: bool,
-        timeout: Duration,
-    ) -> Result<(), PeerError> {
+    /// Asks the loop to add or remove a peer and waits up to `timeout` for the outcome.
+    pub fn change_peer(&self, change: PeerChange, timeout: Duration) -> Result<(), PeerError> {
         let (reply, rx) = mpsc::sync_channel(1);
-        let cmd = if add {
-            Command::AddPeer { endpoint, reply }
-        } else {
-            Command::RemovePeer { endpoint, reply }
+        let cmd = match change {
+            PeerChange::Add(endpoint) => Command::AddPeer { endpoint, reply },
+            PeerChange::Remove(endpoint) => Command::RemovePeer { endpoint, reply },
         };
         if !self.send(cmd) {
             return Err(PeerError::Unavailable);
@@ -256,6 +250,11 @@ impl<F: FibSink, U: Underlay> EventLoop<F, U> {
                 Command::RemovePeer { endpoint, reply } => {
                     let _ = reply.try_send(self.node.remove_peer(now, endpoint));
                 }
+            }
+        }
+        while let Some(dst) = self.node.poll_session_up() {
+            if let (Some(bus), Ok(dst)) = (&self.bus, OverlayAddr::new(dst)) {
+                bus.path_up(dst);
             }
         }
         while let Some((src, frame)) = self.node.poll_bus_frame() {

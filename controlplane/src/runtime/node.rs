@@ -259,6 +259,7 @@ pub struct Node<F: FibSink = FibTable> {
     session_peers: HashMap<u32, Ipv6Addr>,
     e2e_buf: Vec<u8>,
     bus_rx: VecDeque<(Ipv6Addr, Vec<u8>)>,
+    sessions_up: VecDeque<Ipv6Addr>,
 }
 
 impl<F: FibSink> Node<F> {
@@ -311,6 +312,7 @@ impl<F: FibSink> Node<F> {
             session_peers: HashMap::new(),
             e2e_buf: Vec::with_capacity(256),
             bus_rx: VecDeque::new(),
+            sessions_up: VecDeque::new(),
         }
     }
 
@@ -377,6 +379,12 @@ impl<F: FibSink> Node<F> {
             Err(_) => self.counters.dp_local_unknown += 1,
         }
         self.process(now);
+    }
+
+    /// Bus hook: the next destination that got its first E2E session (no session to it before),
+    /// so the bus can resend at once what it sent (and the dataplane dropped) before.
+    pub fn poll_session_up(&mut self) -> Option<Ipv6Addr> {
+        self.sessions_up.pop_front()
     }
 
     /// Bus hook, inbound: the next message-bus frame received, with its source overlay address.
@@ -648,7 +656,13 @@ impl<F: FibSink> Node<F> {
             } => {
                 let peer: Ipv6Addr = peer.into();
                 tracing::debug!(%peer, local_index, ?role, "E2E session up");
+                // Only a first session tells the bus (a rekey replaces a working one).
+                let first = !self.session_peers.values().any(|p| *p == peer);
                 self.session_peers.insert(local_index, peer);
+                if first && !self.sessions_up.contains(&peer) && self.sessions_up.len() < BUS_QUEUE
+                {
+                    self.sessions_up.push_back(peer);
+                }
                 self.dp.push_back(DataplaneCommand::SessionInstall {
                     peer,
                     local_index,
@@ -1141,6 +1155,45 @@ mod tests {
             net.nodes[2].snapshot(0).peers[0].connection_state,
             crate::api::ConnectionState::Dead
         );
+    }
+
+    #[test]
+    fn peers_removed_and_added_at_run_time() {
+        let mut net = Net::new(3, &[(0, 1), (1, 2)], &[]);
+        net.run_until(Duration::from_secs(30), Net::converged)
+            .expect("converge");
+        let s0 = net.nodes[0].identity().subnet;
+        let now = net.now;
+        assert_eq!(net.nodes[1].remove_peer(now, addr(0)), Ok(()));
+        assert_eq!(
+            net.nodes[1].remove_peer(now, addr(0)),
+            Err(PeerError::NotFound)
+        );
+        // The link is gone at once on node 1; node 0 notices by its dead interval.
+        assert!(net.nodes[1].fib().get(&s0).is_none());
+        net.run_until(Duration::from_secs(30), |n| {
+            n.nodes[2].fib().get(&s0).is_none() && n.nodes[0].alive_peers() == 0
+        })
+        .expect("routes through the removed peer are retracted");
+        // Not retried: it stays gone.
+        net.run_until(Duration::from_secs(10), |_| false);
+        assert!(net.nodes[1]
+            .snapshot(0)
+            .peers
+            .iter()
+            .all(|p| p.endpoint.socket_addr != addr(0).to_string()));
+        assert!(net.nodes[0].fib().is_empty());
+
+        let now = net.now;
+        assert_eq!(net.nodes[1].add_peer(now, addr(0)), Ok(()));
+        assert_eq!(
+            net.nodes[1].add_peer(now, addr(0)),
+            Err(PeerError::AlreadyExists)
+        );
+        net.run_until(Duration::from_secs(30), Net::converged)
+            .expect("converge again");
+        let c = net.nodes[1].counters();
+        assert_eq!((c.peers_added, c.peers_removed), (1, 1));
     }
 
     #[test]
