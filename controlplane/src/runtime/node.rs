@@ -882,6 +882,31 @@ impl<F: FibSink> Node<F> {
         ] {
             babel.insert(k.into(), v);
         }
+        if let Some(e2e) = &self.e2e {
+            let e = e2e.counters();
+            let g = s.entry("e2e".into()).or_default();
+            for (k, v) in [
+                ("inits_sent", e.inits_sent),
+                ("init_retries", e.init_retries),
+                ("resps_sent", e.resps_sent),
+                ("sessions_installed", e.sessions_installed),
+                ("sessions_removed", e.sessions_removed),
+                ("sessions_confirmed", e.sessions_confirmed),
+                ("handshakes_failed", e.handshakes_failed),
+                ("malformed", e.malformed),
+                ("not_for_us", e.not_for_us),
+                ("auth_failed", e.auth_failed),
+                ("peer_misbehaved", e.peer_misbehaved),
+                ("replayed", e.replayed),
+                ("unknown_index", e.unknown_index),
+                ("rate_limited", e.rate_limited),
+                ("glare", e.glare),
+                ("key_mismatch", e.key_mismatch),
+                ("queue_overflow", e.queue_overflow),
+            ] {
+                g.insert(k.into(), v);
+            }
+        }
         let c = &self.counters;
         let rt = s.entry("runtime".into()).or_default();
         for (k, v) in [
