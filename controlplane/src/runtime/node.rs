@@ -19,7 +19,11 @@
 //! from the dataplane are [`Node::handle_no_session`] (start a handshake with the key that came
 //! with the route), [`Node::handle_no_route`] (a Babel route request) and
 //! [`Node::handle_local_packet`] (E2E handshakes; message-bus frames, which wait in
-//! [`Node::poll_bus_frame`]; [`Node::send_bus_frame`] is the way out).
+//! [`Node::poll_bus_frame`]; [`Node::send_bus_frame`] is the way out, and
+//! [`Node::poll_session_up`] tells the bus when a destination got its first session).
+//!
+//! Peers can change at run time: [`Node::add_peer`] and [`Node::remove_peer`] (the API's
+//! `POST`/`DELETE /api/v1/admin/peers`, through the event loop's command channel).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
