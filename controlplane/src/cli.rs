@@ -52,7 +52,7 @@ pub enum Command {
     /// Run the node: the control plane, which starts and supervises the dataplane (hypha-dp);
     /// with --no-dataplane routing only.
     Run(Box<hypha_controlplane::config::RunArgs>),
-    /// Show the running node's peers (`list`, the default).
+    /// Show the running node's peers (`list`, the default), or add or remove one at run time.
     Peers(hypha_controlplane::client::PeersArgs),
     /// Show the running node's routes (`selected`, the default, or `fallback`).
     Routes(hypha_controlplane::client::RoutesArgs),

@@ -328,3 +328,30 @@ fn add_bus_stats(snap: &mut Snapshot, bus: &SharedBus) {
         g.insert(k.into(), v);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_routed_nodes_come_from_their_routes() {
+        let k = key::SecretKey::from_bytes([3; 32]).public_key();
+        let other = key::SecretKey::from_bytes([4; 32]).public_key();
+        let net = k.subnet().addr();
+        let mut snap = Snapshot::default();
+        let a = k.address();
+        assert_eq!(key_of(&snap, a), None);
+        snap.origin_keys.insert(net, *k.as_bytes());
+        assert_eq!(key_of(&snap, a), Some(k));
+        // Any address in the node's /64 names it.
+        let s = std::net::Ipv6Addr::from(a).segments();
+        let b = OverlayAddr::new(std::net::Ipv6Addr::new(
+            s[0], s[1], s[2], s[3], 0, 0, 0, 0x99,
+        ))
+        .expect("overlay");
+        assert_eq!(key_of(&snap, b), Some(k));
+        // A key that doesn't own the /64 is never named.
+        snap.origin_keys.insert(net, *other.as_bytes());
+        assert_eq!(key_of(&snap, a), None);
+    }
+}

@@ -1,5 +1,6 @@
-//! The node's local HTTP API (read-only for now): status, peers, routes and counters, in the JSON
-//! shapes of Mycelium's v1 admin API so Mycelium's tooling and scripts work against a Hypha node.
+//! The node's local HTTP API: status, peers, routes and counters, in the JSON shapes of Mycelium's
+//! v1 admin API so Mycelium's tooling and scripts work against a Hypha node, and peer changes
+//! ([`peers_request`], which the daemon passes on to the event loop's command channel).
 //!
 //! Why snapshots: the API thread never touches the event loop's state. The loop publishes an
 //! immutable [`Snapshot`] (at most every ~100 ms, and only when something changed) through

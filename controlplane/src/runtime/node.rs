@@ -19,7 +19,11 @@
 //! from the dataplane are [`Node::handle_no_session`] (start a handshake with the key that came
 //! with the route), [`Node::handle_no_route`] (a Babel route request) and
 //! [`Node::handle_local_packet`] (E2E handshakes; message-bus frames, which wait in
-//! [`Node::poll_bus_frame`]; [`Node::send_bus_frame`] is the way out).
+//! [`Node::poll_bus_frame`]; [`Node::send_bus_frame`] is the way out, and
+//! [`Node::poll_session_up`] tells the bus when a destination got its first session).
+//!
+//! Peers can change at run time: [`Node::add_peer`] and [`Node::remove_peer`] (the API's
+//! `POST`/`DELETE /api/v1/admin/peers`, through the event loop's command channel).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -881,6 +885,31 @@ impl<F: FibSink> Node<F> {
             ("output_dropped", b.output_dropped),
         ] {
             babel.insert(k.into(), v);
+        }
+        if let Some(e2e) = &self.e2e {
+            let e = e2e.counters();
+            let g = s.entry("e2e".into()).or_default();
+            for (k, v) in [
+                ("inits_sent", e.inits_sent),
+                ("init_retries", e.init_retries),
+                ("resps_sent", e.resps_sent),
+                ("sessions_installed", e.sessions_installed),
+                ("sessions_removed", e.sessions_removed),
+                ("sessions_confirmed", e.sessions_confirmed),
+                ("handshakes_failed", e.handshakes_failed),
+                ("malformed", e.malformed),
+                ("not_for_us", e.not_for_us),
+                ("auth_failed", e.auth_failed),
+                ("peer_misbehaved", e.peer_misbehaved),
+                ("replayed", e.replayed),
+                ("unknown_index", e.unknown_index),
+                ("rate_limited", e.rate_limited),
+                ("glare", e.glare),
+                ("key_mismatch", e.key_mismatch),
+                ("queue_overflow", e.queue_overflow),
+            ] {
+                g.insert(k.into(), v);
+            }
         }
         let c = &self.counters;
         let rt = s.entry("runtime".into()).or_default();
