@@ -37,10 +37,12 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use hypha_ebpf::maps::{PeerKey, PeerValue, TransitKey, TransitValue, XdpCounters};
-use hypha_ebpf::{MAP_ALLOWED_PEERS, MAP_COUNTERS, MAP_TRANSIT, PORT_GLOBAL, PROGRAM_NAME};
+use hypha_ebpf::{
+    MAP_ALLOWED_PEERS, MAP_COUNTERS, MAP_TRANSIT, PORT_GLOBAL, PROGRAM_NAME, TC_PROGRAM_NAME,
+};
 
 use crate::fib::Fib;
 use crate::state::PeerTable;
@@ -374,6 +376,8 @@ struct Attachment {
     iface: String,
     mode: AttachedMode,
     link: Option<PinnedLink>,
+    /// The TC ingress program's link (super-packets), if it attached.
+    tc_link: Option<PinnedLink>,
 }
 
 /// The loaded, attached fast path (see the module doc).
@@ -464,6 +468,15 @@ impl XdpFastPath {
             prog.pin(dir.join("prog"))
                 .map_err(|e| XdpError::Load(format!("pinning the program: {e}")))?;
         }
+        {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(TC_PROGRAM_NAME)
+                .ok_or_else(|| XdpError::Load(format!("no program {TC_PROGRAM_NAME}")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+            tc.load()
+                .map_err(|e| XdpError::Load(format!("{TC_PROGRAM_NAME}: {e}")))?;
+        }
         let local = crate::state::upper64(&cfg.node);
         let mut fp = XdpFastPath {
             ebpf,
@@ -542,10 +555,12 @@ impl XdpFastPath {
                         );
                     }
                     tracing::info!(iface, mode = got.as_str(), "XDP fast path attached");
+                    let tc_link = self.attach_tc(iface);
                     self.attached.push(Attachment {
                         iface: iface.to_owned(),
                         mode: *got,
                         link,
+                        tc_link,
                     });
                     return Ok(*got);
                 }
@@ -556,6 +571,40 @@ impl XdpFastPath {
             iface: iface.to_owned(),
             detail: errors.join("; "),
         })
+    }
+
+    /// Attaches the TC ingress program (GSO/GRO super-packets, which XDP passes) to `iface`
+    /// through TCX and pins the link (`link_tc_<iface>`). Without it the fast path still works;
+    /// bulk transit then takes the user-space path.
+    fn attach_tc(&mut self, iface: &str) -> Option<PinnedLink> {
+        let pin_path = self.dir.join(format!("link_tc_{iface}"));
+        let attached = self
+            .ebpf
+            .program_mut(TC_PROGRAM_NAME)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .ok_or_else(|| format!("no program {TC_PROGRAM_NAME}"))
+            .and_then(|tc| {
+                let id = tc
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(|e| e.to_string())?;
+                let link = tc.take_link(id).map_err(|e| e.to_string())?;
+                let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
+                fd.pin(&pin_path).map_err(|e| format!("pinning: {e}"))
+            });
+        match attached {
+            Ok(l) => {
+                tracing::info!(iface, "TC ingress program attached (GSO/GRO bulk transit)");
+                Some(l)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    iface,
+                    "TC ingress program not attached ({e}): bulk transit (GSO/GRO super-packets) \
+                     takes the user-space path"
+                );
+                None
+            }
+        }
     }
 
     /// The interfaces attached so far, with their modes.
@@ -689,7 +738,7 @@ impl XdpFastPath {
 
     fn teardown(&mut self) {
         for a in self.attached.drain(..) {
-            if let Some(link) = a.link {
+            for link in [a.link, a.tc_link].into_iter().flatten() {
                 match link.unpin() {
                     Ok(l) => drop(l),
                     Err(e) => tracing::warn!(iface = a.iface, "unpinning the XDP link: {e}"),

@@ -15,7 +15,10 @@
 //!
 //! - `transit_line_auto_mode_is_generic_on_veth`: the same line with IP forwarding on b and no
 //!   ethtool tweaks, over an IPv4 and an IPv6 underlay: `--xdp auto` attaches b's veths in
-//!   generic mode, and a→c traffic crosses b through XDP redirects.
+//!   generic mode, and a→c traffic crosses b through XDP redirects; an iperf3 run's GSO
+//!   super-packets cross b through the TC ingress program (`gso_redirect`) while b's user space
+//!   forwards (almost) none of it, also with b's tx checksum offload off, where c's kernel
+//!   verifies every segment's UDP checksum.
 //!
 //! Native XDP redirect between veths needs GRO on the redirect target's peer and TX checksum
 //! offload off on the sending veths (ENVIRONMENT.md); test 1 sets both.
@@ -463,8 +466,8 @@ fn transit_line_driver_mode() {
 /// the ethtool tweaks native veth redirect needs.
 #[test]
 fn transit_line_auto_mode_is_generic_on_veth() {
-    if !is_root() || !have("iperf3") {
-        eprintln!("skipped: needs root and iperf3");
+    if !is_root() || !have("iperf3") || !have("ethtool") {
+        eprintln!("skipped: needs root, iperf3 and ethtool");
         return;
     }
     hypha_testnet::ensure_bpffs().unwrap();
@@ -557,23 +560,85 @@ fn auto_line(v6: bool) {
         redirected >= 40,
         "v6 {v6}: pings crossed b's XDP only {redirected} times"
     );
-    let redirect0 = counter(&b, "xdp_redirect");
-    let fwd0 = counter(&b, "forwarded");
-    let (bytes, bps) = iperf(&c, &a, C, 2);
-    let s = stats(&b).unwrap();
-    eprintln!(
-        "v6 {v6}: iperf3 a->c through b (generic XDP): {bytes} bytes, {:.2} Gbit/s; \
-         b: xdp_redirect +{}, user-space forwarded +{}; XDP counters {}",
-        bps / 1e9,
-        counter(&b, "xdp_redirect") - redirect0,
-        counter(&b, "forwarded") - fwd0,
-        s["xdp"]["counters"]
-    );
-    assert!(
-        bytes > 1_000_000,
-        "v6 {v6}: iperf3 moved only {bytes} bytes"
+    // Bulk: a's dataplane sends UDP GSO super-packets, which cross the veth whole. Generic XDP
+    // passes them on (`pass_gso`) and the TC ingress program forwards them (`gso_redirect`):
+    // b's user space sees (almost) none of the transfer.
+    let bulk = |label: &str| {
+        let c0 = |n: &str| counter(&b, n);
+        let (redirect0, gso0, fwd0) = (c0("xdp_redirect"), c0("xdp_gso_redirect"), c0("forwarded"));
+        let (bytes, bps) = iperf(&c, &a, C, 2);
+        let s = stats(&b).unwrap();
+        let redirect = counter(&b, "xdp_redirect") - redirect0;
+        let gso = counter(&b, "xdp_gso_redirect") - gso0;
+        let fwd = counter(&b, "forwarded") - fwd0;
+        eprintln!(
+            "v6 {v6} ({label}): iperf3 a->c through b (generic XDP + TC): {bytes} bytes, \
+             {:.2} Gbit/s; b: xdp_redirect +{redirect}, gso_redirect +{gso}, user-space \
+             forwarded +{fwd}; XDP counters {}",
+            bps / 1e9,
+            s["xdp"]["counters"]
+        );
+        assert!(
+            bytes > 1_000_000,
+            "v6 {v6} ({label}): iperf3 moved only {bytes} bytes"
+        );
+        assert!(
+            gso > 0,
+            "v6 {v6} ({label}): no super-packet forwarded in TC: {s}"
+        );
+        // Every super-packet carries several datagrams: user space forwarding more than a
+        // twentieth as many datagrams as the kernel forwarded frames means the fast path missed.
+        assert!(
+            fwd * 20 <= redirect + gso,
+            "v6 {v6} ({label}): b's user space forwarded {fwd} datagrams, the kernel \
+             {redirect} frames + {gso} super-packets: {s}"
+        );
+        assert_eq!(counter(&b, "xdp_gso_drop"), 0, "v6 {v6} ({label}): {s}");
+    };
+    bulk("veth offloads on");
+    // With tx checksum offload off on b's veth towards c, the super-packets are segmented and
+    // checksummed in software on the way out, and c's kernel verifies every UDP checksum: the
+    // rewritten pseudo-header seed must be right.
+    let csum_errors = || {
+        let snmp = c
+            .exec_ok(["cat", "/proc/net/snmp", "/proc/net/snmp6"])
+            .unwrap();
+        snmp_in_csum_errors(&snmp)
+    };
+    ethtool(&b, bc.a().ifname(), "tx", false);
+    let errors0 = csum_errors();
+    bulk("b's tx checksum offload off");
+    assert_eq!(
+        csum_errors(),
+        errors0,
+        "v6 {v6}: c's kernel saw UDP checksum errors on what b's TC program forwarded"
     );
     pb.stop().unwrap();
+}
+
+/// The sum of `Udp: InCsumErrors` (/proc/net/snmp) and `Udp6InCsumErrors` (/proc/net/snmp6).
+fn snmp_in_csum_errors(text: &str) -> u64 {
+    let mut total = 0;
+    let mut udp_header: Option<Vec<&str>> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Udp: ") {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            match &udp_header {
+                None => udp_header = Some(fields),
+                Some(h) => {
+                    if let Some(i) = h.iter().position(|f| *f == "InCsumErrors") {
+                        total += fields
+                            .get(i)
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0);
+                    }
+                }
+            }
+        } else if let Some(v) = line.strip_prefix("Udp6InCsumErrors") {
+            total += v.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    total
 }
 
 /// XDP that can't attach (loopback has no native XDP): a clear log line, and the dataplane runs
