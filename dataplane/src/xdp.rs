@@ -13,7 +13,8 @@
 //!
 //! **Pins** (one directory per node, since namespaces share bpffs): `/sys/fs/bpf/hypha/<node>/`
 //! with `<node>` the overlay address with `:` as `-`; it holds `prog`, the three maps by name,
-//! and `link_<ifname>` per attachment (a pinned `bpf_link`). On start, everything in that
+//! and `link_<ifname>` per attachment (a pinned `bpf_link`), `link_tc_<ifname>` for the TC
+//! ingress program's. On start, everything in that
 //! directory is from a crashed run: links are unpinned (which detaches their program) and the
 //! rest removed, then the program is loaded fresh. On clean exit ([`XdpFastPath::shutdown`] or
 //! drop) links are detached and the directory removed. A SIGKILLed run leaves its program
@@ -27,6 +28,12 @@
 //! and the caller logs it once and runs without it — every packet then takes the user-space
 //! path, which does everything XDP does.
 //!
+//! **Bulk transit.** GSO/GRO super-packets (a sender's UDP GSO batch over veth, a UDP GRO
+//! aggregate) are longer than the MTU: XDP can't redirect them, so it passes them (`pass_gso`)
+//! to the object's second program, `hypha_tc`, attached to TCX ingress next to every XDP
+//! attachment, which forwards them as skbs (docs/operations.md "Bulk transit"). When TCX is
+//! missing the XDP part still works and bulk transit takes the user-space path.
+//!
 //! **`bpf_fib_lookup` needs forwarding enabled** on the receiving interface
 //! (`net.ipv4.conf.<if>.forwarding` / `net.ipv6.conf.<if>.forwarding`); otherwise every transit
 //! packet passes up (counter `pass_fib_other`). Start warns when it is off.
@@ -34,6 +41,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
@@ -372,6 +380,94 @@ pub fn driver_name(iface: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+fn sum_counters(map: &PerCpuArray<MapData, XdpCounters>) -> Result<XdpCounters, XdpError> {
+    let per_cpu = map.get(&0, 0).map_err(map_err(MAP_COUNTERS))?;
+    let mut sum = XdpCounters::default();
+    for c in per_cpu.iter() {
+        sum.accumulate(c);
+    }
+    Ok(sum)
+}
+
+/// What the stats readers see of a loaded fast path: its attachments and map sizes when it
+/// was published, and the counters map itself (read when asked, summed over CPUs).
+pub struct XdpView {
+    counters: Arc<PerCpuArray<MapData, XdpCounters>>,
+    /// The pin directory.
+    pub pin_dir: PathBuf,
+    /// The attached interfaces and their modes.
+    pub interfaces: Vec<(String, AttachedMode)>,
+    /// Entries in the transit map.
+    pub transit_entries: usize,
+    /// Entries in the allowed-peers map.
+    pub allowed_peers: usize,
+}
+
+impl core::fmt::Debug for XdpView {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("XdpView")
+            .field("pin_dir", &self.pin_dir)
+            .field("interfaces", &self.interfaces)
+            .finish_non_exhaustive()
+    }
+}
+
+impl XdpView {
+    /// The counters, summed over CPUs.
+    pub fn counters(&self) -> Result<XdpCounters, XdpError> {
+        sum_counters(&self.counters)
+    }
+
+    /// `driver` or `generic` when every attached interface has that mode, `mixed` when they
+    /// differ, `unattached` before the first interface is attached.
+    pub fn mode(&self) -> &'static str {
+        let mut modes = self.interfaces.iter().map(|(_, m)| *m);
+        match modes.next() {
+            None => "unattached",
+            Some(first) if modes.all(|m| m == first) => first.as_str(),
+            Some(_) => "mixed",
+        }
+    }
+
+    /// `{"loaded": true, "mode", "pin_dir", "interfaces": {name: mode}, "transit_entries",
+    /// "allowed_peers", "counters": {"xdp_<name>": n}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        match self.counters() {
+            Ok(c) => {
+                for (name, v) in c.iter() {
+                    map.insert(format!("xdp_{name}"), v.into());
+                }
+            }
+            Err(e) => tracing::debug!("reading the XDP counters: {e}"),
+        }
+        let ifaces: serde_json::Map<String, serde_json::Value> = self
+            .interfaces
+            .iter()
+            .map(|(i, m)| (i.clone(), m.as_str().into()))
+            .collect();
+        serde_json::json!({
+            "loaded": true,
+            "mode": self.mode(),
+            "pin_dir": self.pin_dir.display().to_string(),
+            "interfaces": ifaces,
+            "transit_entries": self.transit_entries,
+            "allowed_peers": self.allowed_peers,
+            "counters": map,
+        })
+    }
+
+    /// The document of a dataplane without XDP: `{"loaded": false, "mode": "off", ...}`.
+    pub fn off_json() -> serde_json::Value {
+        serde_json::json!({
+            "loaded": false,
+            "mode": "off",
+            "interfaces": {},
+            "counters": {},
+        })
+    }
+}
+
 struct Attachment {
     iface: String,
     mode: AttachedMode,
@@ -389,7 +485,7 @@ pub struct XdpFastPath {
     local: u64,
     peers_map: BpfHashMap<MapData, PeerKey, PeerValue>,
     transit_map: BpfHashMap<MapData, TransitKey, TransitValue>,
-    counters_map: PerCpuArray<MapData, XdpCounters>,
+    counters_map: Arc<PerCpuArray<MapData, XdpCounters>>,
     current: Desired,
     attached: Vec<Attachment>,
     /// Detected interfaces that refused the program (warned about once).
@@ -456,8 +552,9 @@ impl XdpFastPath {
             .map_err(map_err(MAP_ALLOWED_PEERS))?;
         let transit_map =
             BpfHashMap::try_from(take(&mut ebpf, MAP_TRANSIT)?).map_err(map_err(MAP_TRANSIT))?;
-        let counters_map =
-            PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
+        let counters_map = Arc::new(
+            PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
+        );
         {
             let prog: &mut Xdp = ebpf
                 .program_mut(PROGRAM_NAME)
@@ -698,37 +795,25 @@ impl XdpFastPath {
 
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<XdpCounters, XdpError> {
-        let per_cpu = self
-            .counters_map
-            .get(&0, 0)
-            .map_err(map_err(MAP_COUNTERS))?;
-        let mut sum = XdpCounters::default();
-        for c in per_cpu.iter() {
-            sum.accumulate(c);
-        }
-        Ok(sum)
+        sum_counters(&self.counters_map)
     }
 
-    /// The counters as a JSON object (`xdp_<name>`), plus the attachments.
-    pub fn stats_json(&self) -> serde_json::Value {
-        let mut map = serde_json::Map::new();
-        if let Ok(c) = self.counters() {
-            for (name, v) in c.iter() {
-                map.insert(format!("xdp_{name}"), v.into());
-            }
+    /// A snapshot of the attachments and map sizes with a handle on the counters map, for
+    /// readers on other threads ([`crate::state::Shared::xdp`]).
+    pub fn view(&self) -> XdpView {
+        XdpView {
+            counters: Arc::clone(&self.counters_map),
+            pin_dir: self.dir.clone(),
+            interfaces: self.attached(),
+            transit_entries: self.current.transit.len(),
+            allowed_peers: self.current.peers.len(),
         }
-        let ifaces: serde_json::Map<String, serde_json::Value> = self
-            .attached
-            .iter()
-            .map(|a| (a.iface.clone(), a.mode.as_str().into()))
-            .collect();
-        serde_json::json!({
-            "pin_dir": self.dir.display().to_string(),
-            "interfaces": ifaces,
-            "transit_entries": self.current.transit.len(),
-            "allowed_peers": self.current.peers.len(),
-            "counters": map,
-        })
+    }
+
+    /// The counters as a JSON object (`xdp_<name>`), plus the attachments (see
+    /// [`XdpView::to_json`]).
+    pub fn stats_json(&self) -> serde_json::Value {
+        self.view().to_json()
     }
 
     /// Detaches from every interface and removes the pins (also done on drop).

@@ -13,8 +13,11 @@
  *    checksums fixed incrementally (RFC 1624), and the frame leaves through
  *    bpf_fib_lookup + bpf_redirect (XDP_TX on the same interface) without
  *    ever reaching user space;
+ *  - a transit GSO/GRO super-packet (longer than the ingress MTU) passes to the TC
+ *    ingress program below (`hypha_tc`), which forwards it as an skb;
  *  - anything else passes.
- * Every packet is counted once in `counters` under the reason that decided it.
+ * Every packet is counted once in `counters` under the reason that decided it; the TC
+ * program counts the super-packets it sees again under gso_*.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
