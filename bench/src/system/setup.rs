@@ -94,6 +94,45 @@ pub struct Scenario {
     pub tunnel_group: Option<CpuGroup>,
     /// cpuacct group of the iperf3 processes.
     pub endpoint_group: Option<CpuGroup>,
+    /// A Hypha transit node whose dataplane serves its stats on [`TRANSIT_STATS`]: read after
+    /// the measurements, to show which path (XDP/TC or user space) carried the transit traffic.
+    pub transit_stats: Option<Node>,
+}
+
+/// Where a Hypha transit node's `hypha-dp --stats-listen` answers (inside its namespace).
+pub const TRANSIT_STATS: &str = "127.0.0.1:9652";
+
+/// Counter deltas of a transit node's stats (`hypha-dp --stats-listen` JSON) between two
+/// readings: how much transit the kernel (XDP frames, TC super-packets) and user space carried.
+pub fn transit_summary(before: &serde_json::Value, after: &serde_json::Value) -> String {
+    let d = |name: &str| {
+        let get = |v: &serde_json::Value| v["counters"][name].as_u64().unwrap_or(0);
+        get(after).saturating_sub(get(before))
+    };
+    format!(
+        "transit node b during the run: XDP redirected {} frames, TC {} GSO super-packets; user \
+         space forwarded {} datagrams (XDP {})",
+        d("xdp_redirect") + d("xdp_tx"),
+        d("xdp_gso_redirect"),
+        d("forwarded"),
+        after["xdp"]["mode"].as_str().unwrap_or("?"),
+    )
+}
+
+/// The JSON stats of the transit node's dataplane.
+pub fn read_transit_stats(node: &Node) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    node.run_in(|| -> Option<serde_json::Value> {
+        let addr = TRANSIT_STATS.parse().ok()?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
+    })
+    .ok()
+    .flatten()
 }
 
 /// Why a system was not measured.
@@ -215,6 +254,7 @@ fn veth() -> Result<Scenario, Unavailable> {
         note: "one veth pair, MTU 1500, IPv4".into(),
         tunnel_group,
         endpoint_group,
+        transit_stats: None,
     })
 }
 
@@ -256,6 +296,7 @@ fn veth_routed() -> Result<Scenario, Unavailable> {
         note: "two veth pairs, kernel IPv4 forwarding in b".into(),
         tunnel_group,
         endpoint_group,
+        transit_stats: None,
     })
 }
 
@@ -302,6 +343,7 @@ fn vxlan() -> Result<Scenario, Unavailable> {
         note: "kernel VXLAN (id 42, UDP 4789) over the veth, MTU 1450, no encryption".into(),
         tunnel_group,
         endpoint_group,
+        transit_stats: None,
     })
 }
 
@@ -402,6 +444,7 @@ fn boringtun() -> Result<Scenario, Unavailable> {
         note: "boringtun-cli 0.7 (default 4 threads), configured with wg; MTU 1420".into(),
         tunnel_group,
         endpoint_group,
+        transit_stats: None,
     })
 }
 
@@ -484,6 +527,9 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
     let mut configs: Vec<(Node, String, bool)> = Vec::new();
     let (server, dst_addr) = if transit {
         let c = net.add_node("c")?;
+        // bpf_fib_lookup forwards only with IP forwarding on; on in both transit rows, so the
+        // XDP row differs from the others in `--xdp` alone.
+        b.enable_forwarding()?;
         let ab = net.link(&a, &b, LinkOpts::default())?;
         let bc = net.link(&b, &c, LinkOpts::default())?;
         configs.push((
@@ -553,8 +599,12 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
             "--workers".into(),
             workers.to_string(),
         ];
-        if *with_xdp {
-            args.push("--xdp".into());
+        // hypha-dp's default is `--xdp auto`: the rows without XDP say `off`.
+        args.push("--xdp".into());
+        args.push(if *with_xdp { "auto" } else { "off" }.into());
+        if transit && node.name() == "b" {
+            args.push("--stats-listen".into());
+            args.push(TRANSIT_STATS.into());
         }
         let p = spawn(
             node,
@@ -586,13 +636,18 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
         note: format!(
             "hypha-dp --static-config (no control plane), {workers} worker(s) per node, \
              AES-256-GCM, TUN MTU 1380, IPv6 overlay over IPv4 underlay{}",
-            if transit {
-                ", b forwards without decrypting"
-            } else {
-                ""
+            match (transit, xdp) {
+                (true, true) => {
+                    ", b forwards without decrypting, in the kernel: `--xdp auto` on b (generic \
+                     XDP on veth, plus the TC ingress program for GSO super-packets), IP \
+                     forwarding on"
+                }
+                (true, false) => ", b forwards without decrypting, `--xdp off`, IP forwarding on",
+                _ => "",
             }
         ),
         tunnel_group,
         endpoint_group,
+        transit_stats: transit.then_some(b),
     })
 }
