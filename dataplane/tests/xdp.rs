@@ -18,7 +18,8 @@
 //!   generic mode, and a→c traffic crosses b through XDP redirects; an iperf3 run's GSO
 //!   super-packets cross b through the TC ingress program (`gso_redirect`) while b's user space
 //!   forwards (almost) none of it, also with b's tx checksum offload off, where c's kernel
-//!   verifies every segment's UDP checksum.
+//!   verifies every segment's UDP checksum and a capture at c (tshark, if installed) shows every
+//!   DATA frame's hop limit decremented once.
 //!
 //! Native XDP redirect between veths needs GRO on the redirect target's peer and TX checksum
 //! offload off on the sending veths (ENVIRONMENT.md); test 1 sets both.
@@ -607,13 +608,84 @@ fn auto_line(v6: bool) {
     };
     ethtool(&b, bc.a().ifname(), "tx", false);
     let errors0 = csum_errors();
+    // The datagrams now reach c one by one: capture them, to see every segment's hop limit.
+    let pcap = net.log_dir().join(format!("c-{v6}.pcap"));
+    let capture = have("tshark").then(|| {
+        let cap = c
+            .spawn_args(
+                "tshark",
+                [
+                    "tshark",
+                    "-i",
+                    bc.b().ifname(),
+                    "-a",
+                    "duration:4",
+                    "-c",
+                    "5000",
+                    "-f",
+                    "udp dst port 9651",
+                    "-w",
+                    pcap.to_str().unwrap(),
+                ],
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        cap
+    });
     bulk("b's tx checksum offload off");
     assert_eq!(
         csum_errors(),
         errors0,
         "v6 {v6}: c's kernel saw UDP checksum errors on what b's TC program forwarded"
     );
+    if let Some(cap) = capture {
+        let _ = cap.wait_exit(Duration::from_secs(10));
+        let hops = data_hop_limits(&c, &pcap, &net64(C));
+        eprintln!("v6 {v6}: hop limits of DATA frames to c at c: {hops:?}");
+        let total: usize = hops.values().sum();
+        assert!(
+            total > 100,
+            "v6 {v6}: only {total} DATA frames captured at c"
+        );
+        // a sends with hop limit 64; b (XDP, TC for every segment of a super-packet) takes one.
+        assert_eq!(
+            hops.keys().copied().collect::<Vec<_>>(),
+            vec![63],
+            "v6 {v6}: hop limits at c: {hops:?}"
+        );
+    }
     pb.stop().unwrap();
+}
+
+/// Hop limit → count of the DATA frames to `dst64` (a /64 as `net64` gives it) in a capture.
+fn data_hop_limits(
+    node: &Node,
+    pcap: &std::path::Path,
+    dst64: &str,
+) -> std::collections::BTreeMap<u8, usize> {
+    let prefix = dst64.parse::<Ipv6Addr>().unwrap().octets();
+    let out = node
+        .exec_ok([
+            "tshark",
+            "-r",
+            pcap.to_str().unwrap(),
+            "-T",
+            "fields",
+            "-e",
+            "udp.payload",
+        ])
+        .unwrap();
+    let mut hops = std::collections::BTreeMap::new();
+    for line in out.lines() {
+        let hex: String = line.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        let bytes: Vec<u8> = (0..hex.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+            .collect();
+        if bytes.len() >= 48 && bytes[0] == 0x01 && bytes[32..40] == prefix[..8] {
+            *hops.entry(bytes[1]).or_insert(0) += 1;
+        }
+    }
+    hops
 }
 
 /// The sum of `Udp: InCsumErrors` (/proc/net/snmp) and `Udp6InCsumErrors` (/proc/net/snmp6).
