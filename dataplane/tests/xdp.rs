@@ -24,8 +24,7 @@
 //! Native XDP redirect between veths needs GRO on the redirect target's peer and TX checksum
 //! offload off on the sending veths (ENVIRONMENT.md); test 1 sets both.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -33,64 +32,11 @@ use std::time::{Duration, Instant};
 use hypha_dataplane::fib::{Fib, FibHasherBuilder, NextHop, Prefix};
 use hypha_dataplane::state::PeerTable;
 use hypha_dataplane::xdp::{node_dir_name, XdpConfig, XdpFastPath, XdpSetting};
+use hypha_testnet::dp::{
+    have, is_root, key, net64, static_config as config, stats, StaticSession as Sess, A, B, C,
+    PORT, STATS,
+};
 use hypha_testnet::{wait_until, LinkOpts, Node, ProcHandle, TestNet};
-
-const PORT: u16 = 9651;
-const STATS: &str = "127.0.0.1:9652";
-const A: &str = "4aa:1:2:3::1";
-const B: &str = "5bb:4:5:6::1";
-const C: &str = "4cc:7:8:9::1";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn key(byte: u8) -> String {
-    [byte; 32].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-struct Sess<'a> {
-    peer: &'a str,
-    rx_index: u32,
-    tx_index: u32,
-    tx_key: String,
-    rx_key: String,
-}
-
-fn config(
-    addr: &str,
-    peers: &[(u32, SocketAddr)],
-    routes: &[(&str, u32)],
-    sessions: &[Sess<'_>],
-) -> String {
-    let mut s = format!("address = \"{addr}\"\nport = {PORT}\n");
-    for (id, ep) in peers {
-        s += &format!("[[peers]]\nid = {id}\nendpoint = \"{ep}\"\n");
-    }
-    for (prefix, peer) in routes {
-        s += &format!("[[routes]]\nprefix = \"{prefix}/64\"\npeer = {peer}\n");
-    }
-    for x in sessions {
-        s += &format!(
-            "[[sessions]]\npeer = \"{}\"\nrx_index = {}\ntx_index = {}\ntx_key = \"{}\"\nrx_key = \"{}\"\ncipher = \"aes-256-gcm\"\n",
-            x.peer, x.rx_index, x.tx_index, x.tx_key, x.rx_key
-        );
-    }
-    s
-}
-
-fn net64(addr: &str) -> String {
-    let a: Ipv6Addr = addr.parse().unwrap();
-    Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1)).to_string()
-}
 
 /// A bpffs pin root of this test's own (tests run in parallel and reuse node addresses).
 fn pin_root(net: &TestNet) -> PathBuf {
@@ -144,20 +90,6 @@ fn start(net: &TestNet, node: &Node, name: &str, cfg: &str, xdp: &str) -> ProcHa
         )
     });
     p
-}
-
-fn stats(node: &Node) -> Option<serde_json::Value> {
-    node.run_in(|| -> Option<serde_json::Value> {
-        let mut s =
-            TcpStream::connect_timeout(&STATS.parse().ok()?, Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
-    })
-    .ok()
-    .flatten()
 }
 
 fn counter(node: &Node, name: &str) -> u64 {

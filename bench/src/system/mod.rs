@@ -304,14 +304,14 @@ pub fn run(opts: Options) -> Result<Results, BenchError> {
         let transit_before = scenario
             .transit_stats
             .as_ref()
-            .and_then(setup::read_transit_stats);
+            .and_then(hypha_testnet::dp::stats);
         measure_system(&scenario, &opts, &mut row);
         if let (Some(before), Some(after)) = (
             transit_before,
             scenario
                 .transit_stats
                 .as_ref()
-                .and_then(setup::read_transit_stats),
+                .and_then(hypha_testnet::dp::stats),
         ) {
             let summary = setup::transit_summary(&before, &after);
             eprintln!("hypha-bench:   {summary}");
