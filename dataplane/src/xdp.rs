@@ -490,6 +490,8 @@ pub struct XdpFastPath {
     attached: Vec<Attachment>,
     /// Detected interfaces that refused the program (warned about once).
     refused: HashSet<String>,
+    /// The TC ingress program loaded (it is attached next to every XDP attachment).
+    tc_loaded: bool,
 }
 
 impl core::fmt::Debug for XdpFastPath {
@@ -565,15 +567,24 @@ impl XdpFastPath {
             prog.pin(dir.join("prog"))
                 .map_err(|e| XdpError::Load(format!("pinning the program: {e}")))?;
         }
+        // The TC half is optional: without it (an older kernel's verifier, no bpf_loop) the XDP
+        // part still works and bulk transit takes the user-space path.
+        let tc_loaded = match ebpf
+            .program_mut(TC_PROGRAM_NAME)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
         {
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(TC_PROGRAM_NAME)
-                .ok_or_else(|| XdpError::Load(format!("no program {TC_PROGRAM_NAME}")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
-            tc.load()
-                .map_err(|e| XdpError::Load(format!("{TC_PROGRAM_NAME}: {e}")))?;
-        }
+            Some(tc) => match tc.load() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "loading {TC_PROGRAM_NAME} failed ({e}): bulk transit (GSO/GRO \
+                         super-packets) takes the user-space path"
+                    );
+                    false
+                }
+            },
+            None => false,
+        };
         let local = crate::state::upper64(&cfg.node);
         let mut fp = XdpFastPath {
             ebpf,
@@ -587,6 +598,7 @@ impl XdpFastPath {
             current: Desired::default(),
             attached: Vec::new(),
             refused: HashSet::new(),
+            tc_loaded,
         };
         for iface in &cfg.ifaces {
             fp.attach(iface)?;
@@ -674,6 +686,9 @@ impl XdpFastPath {
     /// through TCX and pins the link (`link_tc_<iface>`). Without it the fast path still works;
     /// bulk transit then takes the user-space path.
     fn attach_tc(&mut self, iface: &str) -> Option<PinnedLink> {
+        if !self.tc_loaded {
+            return None;
+        }
         let pin_path = self.dir.join(format!("link_tc_{iface}"));
         let attached = self
             .ebpf
