@@ -712,3 +712,102 @@ fn bench_line_through_hypha_vs_bare_veth() {
         println!("| {name} | {bare:.3} | {hypha:.3} | {:.3} |", hypha / bare);
     }
 }
+
+/// The XDP fast path's counters reach `GET /api/v1/admin/stats` and `hypha stats` (through the
+/// hand-over stats the control plane polls): b's veth is attached in generic mode (`--xdp auto`,
+/// the default), and junk datagrams to b's port from a non-peer source (a's address, another
+/// port) are dropped in XDP and counted under `xdp.drop_unknown_peer`.
+#[test]
+fn xdp_counters_in_stats_api_and_cli() {
+    let mut o = Overlay::new("ovxdp", &["a", "b"]);
+    o.link("a", "b");
+    for n in ["a", "b"] {
+        o.start(n);
+    }
+    for n in ["a", "b"] {
+        o.learn_addr(n);
+    }
+    assert!(
+        wait_ping(&o, "a", "b", Duration::from_secs(15)).is_some(),
+        "no ping a→b\na: {}\nb: {}",
+        o.log("a"),
+        o.log("b")
+    );
+    let b_iface = o.links[&("a".to_string(), "b".to_string())]
+        .b()
+        .ifname()
+        .to_string();
+    let iface_group = format!("xdp_iface_{b_iface}");
+    let attached = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        let s = o.stats("b");
+        s.get("xdp").and_then(|g| g.get("mode_generic")) == Some(&1)
+            && s.get(&iface_group).and_then(|g| g.get("generic")) == Some(&1)
+    });
+    assert!(
+        attached.is_ok(),
+        "b's XDP not shown attached in generic mode: {:?}\n{}",
+        o.stats("b"),
+        o.log("b")
+    );
+    let s = o.stats("b");
+    let xdp = &s["xdp"];
+    assert_eq!(xdp.get("loaded"), Some(&1), "{xdp:?}");
+    assert_eq!(xdp.get("interfaces"), Some(&1), "{xdp:?}");
+    for name in hypha_ebpf::maps::XdpCounters::NAMES {
+        assert!(xdp.contains_key(name), "xdp.{name} missing: {xdp:?}");
+    }
+    assert!(
+        !s["dataplane"].keys().any(|k| k.starts_with("xdp_")),
+        "XDP counters doubled in the dataplane group: {:?}",
+        s["dataplane"]
+    );
+
+    // Junk to b's port from a's address but another port: not a peer, dropped in XDP.
+    let drops0 = xdp["drop_unknown_peer"];
+    let b_ip = o.links[&("a".to_string(), "b".to_string())].b().ipv4();
+    const JUNK: u64 = 20;
+    o.node("a")
+        .run_in(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            for i in 0..JUNK {
+                // First byte 0x01 (DATA): not a link handshake, which would pass.
+                let junk = [0x01, i as u8, 0xde, 0xad, 0xbe, 0xef];
+                s.send_to(&junk, (b_ip, PORT)).expect("send junk");
+            }
+        })
+        .expect("in a");
+    let counted = wait_until(Duration::from_secs(5), Duration::from_millis(200), || {
+        o.stats("b")
+            .get("xdp")
+            .and_then(|g| g.get("drop_unknown_peer"))
+            .is_some_and(|d| *d >= drops0 + JUNK)
+    });
+    assert!(
+        counted.is_ok(),
+        "junk drops not counted in xdp.drop_unknown_peer (was {drops0}): {:?}",
+        o.stats("b").get("xdp")
+    );
+
+    // The CLI shows the same group, as JSON and as text.
+    let out = o
+        .node("b")
+        .exec([BIN, "stats", "--json"])
+        .expect("hypha stats --json");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "hypha stats --json: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let cli_drops = v["xdp"]["drop_unknown_peer"].as_u64().unwrap_or(0);
+    assert!(cli_drops >= drops0 + JUNK, "{}", v["xdp"]);
+    assert_eq!(v["xdp"]["mode_generic"], 1, "{}", v["xdp"]);
+    assert_eq!(v[&iface_group]["generic"], 1, "{v}");
+    let text = o.node("b").exec_ok([BIN, "stats"]).expect("hypha stats");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("xdp.drop_unknown_peer ") || l.contains("xdp.drop_unknown_peer")),
+        "{text}"
+    );
+}

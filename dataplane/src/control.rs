@@ -42,7 +42,7 @@ use crate::pool::{BufLayout, PacketPool};
 use crate::session::{Cipher, Session, SessionParams};
 use crate::state::{upper64, Shared};
 use crate::udp;
-use crate::xdp::XdpFastPath;
+use crate::xdp::{XdpFastPath, XdpView};
 
 /// How often counters go up the ring and expired sessions are removed.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -66,15 +66,28 @@ struct Staging {
 pub fn stats_json(shared: &Shared) -> serde_json::Value {
     let c = &shared.counters;
     let workers: Vec<_> = (0..c.rows()).map(|i| c.row_snapshot(i).to_json()).collect();
+    let mut counters = c.snapshot().to_json();
+    let xdp = match &*shared.xdp.load() {
+        Some(view) => {
+            let j = view.to_json();
+            // The XDP counters also sit among the others (`xdp_` names).
+            if let (Some(all), Some(xc)) = (counters.as_object_mut(), j["counters"].as_object()) {
+                all.extend(xc.clone());
+            }
+            j
+        }
+        None => XdpView::off_json(),
+    };
     serde_json::json!({
         "address": shared.addr.to_string(),
         "pid": std::process::id(),
-        "counters": c.snapshot().to_json(),
+        "counters": counters,
         "per_thread": workers,
         "routes": shared.fib.load().len(),
         "sessions": shared.sessions.load().len(),
         "peers": shared.peers.load().iter().count(),
         "per_peer": per_peer_json(shared),
+        "xdp": xdp,
     })
 }
 
@@ -174,6 +187,14 @@ impl Control {
         self.xdp = Some(xdp);
         self.xdp_dirty = true;
         self.sync_xdp();
+        self.publish_xdp();
+    }
+
+    /// Republishes what the stats readers see of the fast path.
+    fn publish_xdp(&self) {
+        self.shared
+            .xdp
+            .store(self.xdp.as_ref().map(|x| Arc::new(x.view())));
     }
 
     /// The XDP fast path, if one is loaded.
@@ -183,6 +204,7 @@ impl Control {
 
     /// Detaches and unpins the XDP fast path (clean exit).
     pub fn shutdown_xdp(&mut self) {
+        self.shared.xdp.store(None);
         if let Some(x) = self.xdp.take() {
             x.shutdown();
         }
@@ -210,6 +232,8 @@ impl Control {
                 self.xdp_dirty = true;
             }
         }
+        // Attachments (new peers' interfaces) and map sizes may have changed.
+        self.publish_xdp();
     }
 
     /// Serves the counters as JSON to every TCP connection on `listener` (HTTP/1.0 response).
@@ -587,23 +611,9 @@ impl Control {
         self.answer_stats();
     }
 
-    /// The JSON document the stats endpoint serves.
+    /// The JSON document the stats endpoint serves (the hand-over socket serves the same).
     pub fn stats_json(&self) -> serde_json::Value {
-        let mut doc = stats_json(&self.shared);
-        if let Some(x) = &self.xdp {
-            let j = x.stats_json();
-            // The XDP counters also sit among the others (`xdp_` names) for `hypha stats`.
-            if let (Some(all), Some(xc)) = (
-                doc.get_mut("counters").and_then(|c| c.as_object_mut()),
-                j["counters"].as_object(),
-            ) {
-                all.extend(xc.clone());
-            }
-            if let Some(obj) = doc.as_object_mut() {
-                obj.insert("xdp".into(), j);
-            }
-        }
-        doc
+        stats_json(&self.shared)
     }
 
     fn answer_stats(&mut self) {

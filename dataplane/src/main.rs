@@ -197,6 +197,7 @@ fn run(args: Args) -> Result<(), String> {
         clock: Clock::new(),
         up,
         stop: AtomicBool::new(false),
+        xdp: Default::default(),
     });
     let mut control = Control::new(shared.clone(), fib, send_fd, workers);
     if args.xdp == XdpSetting::Off {

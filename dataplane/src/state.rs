@@ -193,6 +193,9 @@ pub struct Shared {
     pub up: Option<UpLink>,
     /// Set to stop every thread.
     pub stop: AtomicBool,
+    /// What the stats readers see of the XDP fast path (none: not loaded); republished by the
+    /// control thread when its attachments or maps change.
+    pub xdp: arc_swap::ArcSwapOption<crate::xdp::XdpView>,
 }
 
 /// The upper 64 bits of an address.

@@ -13,7 +13,8 @@
 //!
 //! **Pins** (one directory per node, since namespaces share bpffs): `/sys/fs/bpf/hypha/<node>/`
 //! with `<node>` the overlay address with `:` as `-`; it holds `prog`, the three maps by name,
-//! and `link_<ifname>` per attachment (a pinned `bpf_link`). On start, everything in that
+//! and `link_<ifname>` per attachment (a pinned `bpf_link`), `link_tc_<ifname>` for the TC
+//! ingress program's. On start, everything in that
 //! directory is from a crashed run: links are unpinned (which detaches their program) and the
 //! rest removed, then the program is loaded fresh. On clean exit ([`XdpFastPath::shutdown`] or
 //! drop) links are detached and the directory removed. A SIGKILLed run leaves its program
@@ -27,6 +28,12 @@
 //! and the caller logs it once and runs without it — every packet then takes the user-space
 //! path, which does everything XDP does.
 //!
+//! **Bulk transit.** GSO/GRO super-packets (a sender's UDP GSO batch over veth, a UDP GRO
+//! aggregate) are longer than the MTU: XDP can't redirect them, so it passes them (`pass_gso`)
+//! to the object's second program, `hypha_tc`, attached to TCX ingress next to every XDP
+//! attachment, which forwards them as skbs (docs/operations.md "Bulk transit"). When TCX is
+//! missing the XDP part still works and bulk transit takes the user-space path.
+//!
 //! **`bpf_fib_lookup` needs forwarding enabled** on the receiving interface
 //! (`net.ipv4.conf.<if>.forwarding` / `net.ipv6.conf.<if>.forwarding`); otherwise every transit
 //! packet passes up (counter `pass_fib_other`). Start warns when it is off.
@@ -34,13 +41,16 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use hypha_ebpf::maps::{PeerKey, PeerValue, TransitKey, TransitValue, XdpCounters};
-use hypha_ebpf::{MAP_ALLOWED_PEERS, MAP_COUNTERS, MAP_TRANSIT, PORT_GLOBAL, PROGRAM_NAME};
+use hypha_ebpf::{
+    MAP_ALLOWED_PEERS, MAP_COUNTERS, MAP_TRANSIT, PORT_GLOBAL, PROGRAM_NAME, TC_PROGRAM_NAME,
+};
 
 use crate::fib::Fib;
 use crate::state::PeerTable;
@@ -370,10 +380,100 @@ pub fn driver_name(iface: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+fn sum_counters(map: &PerCpuArray<MapData, XdpCounters>) -> Result<XdpCounters, XdpError> {
+    let per_cpu = map.get(&0, 0).map_err(map_err(MAP_COUNTERS))?;
+    let mut sum = XdpCounters::default();
+    for c in per_cpu.iter() {
+        sum.accumulate(c);
+    }
+    Ok(sum)
+}
+
+/// What the stats readers see of a loaded fast path: its attachments and map sizes when it
+/// was published, and the counters map itself (read when asked, summed over CPUs).
+pub struct XdpView {
+    counters: Arc<PerCpuArray<MapData, XdpCounters>>,
+    /// The pin directory.
+    pub pin_dir: PathBuf,
+    /// The attached interfaces and their modes.
+    pub interfaces: Vec<(String, AttachedMode)>,
+    /// Entries in the transit map.
+    pub transit_entries: usize,
+    /// Entries in the allowed-peers map.
+    pub allowed_peers: usize,
+}
+
+impl core::fmt::Debug for XdpView {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("XdpView")
+            .field("pin_dir", &self.pin_dir)
+            .field("interfaces", &self.interfaces)
+            .finish_non_exhaustive()
+    }
+}
+
+impl XdpView {
+    /// The counters, summed over CPUs.
+    pub fn counters(&self) -> Result<XdpCounters, XdpError> {
+        sum_counters(&self.counters)
+    }
+
+    /// `driver` or `generic` when every attached interface has that mode, `mixed` when they
+    /// differ, `unattached` before the first interface is attached.
+    pub fn mode(&self) -> &'static str {
+        let mut modes = self.interfaces.iter().map(|(_, m)| *m);
+        match modes.next() {
+            None => "unattached",
+            Some(first) if modes.all(|m| m == first) => first.as_str(),
+            Some(_) => "mixed",
+        }
+    }
+
+    /// `{"loaded": true, "mode", "pin_dir", "interfaces": {name: mode}, "transit_entries",
+    /// "allowed_peers", "counters": {"xdp_<name>": n}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        match self.counters() {
+            Ok(c) => {
+                for (name, v) in c.iter() {
+                    map.insert(format!("xdp_{name}"), v.into());
+                }
+            }
+            Err(e) => tracing::debug!("reading the XDP counters: {e}"),
+        }
+        let ifaces: serde_json::Map<String, serde_json::Value> = self
+            .interfaces
+            .iter()
+            .map(|(i, m)| (i.clone(), m.as_str().into()))
+            .collect();
+        serde_json::json!({
+            "loaded": true,
+            "mode": self.mode(),
+            "pin_dir": self.pin_dir.display().to_string(),
+            "interfaces": ifaces,
+            "transit_entries": self.transit_entries,
+            "allowed_peers": self.allowed_peers,
+            "counters": map,
+        })
+    }
+
+    /// The document of a dataplane without XDP: `{"loaded": false, "mode": "off", ...}`.
+    pub fn off_json() -> serde_json::Value {
+        serde_json::json!({
+            "loaded": false,
+            "mode": "off",
+            "interfaces": {},
+            "counters": {},
+        })
+    }
+}
+
 struct Attachment {
     iface: String,
     mode: AttachedMode,
     link: Option<PinnedLink>,
+    /// The TC ingress program's link (super-packets), if it attached.
+    tc_link: Option<PinnedLink>,
 }
 
 /// The loaded, attached fast path (see the module doc).
@@ -385,11 +485,13 @@ pub struct XdpFastPath {
     local: u64,
     peers_map: BpfHashMap<MapData, PeerKey, PeerValue>,
     transit_map: BpfHashMap<MapData, TransitKey, TransitValue>,
-    counters_map: PerCpuArray<MapData, XdpCounters>,
+    counters_map: Arc<PerCpuArray<MapData, XdpCounters>>,
     current: Desired,
     attached: Vec<Attachment>,
     /// Detected interfaces that refused the program (warned about once).
     refused: HashSet<String>,
+    /// The TC ingress program loaded (it is attached next to every XDP attachment).
+    tc_loaded: bool,
 }
 
 impl core::fmt::Debug for XdpFastPath {
@@ -452,8 +554,9 @@ impl XdpFastPath {
             .map_err(map_err(MAP_ALLOWED_PEERS))?;
         let transit_map =
             BpfHashMap::try_from(take(&mut ebpf, MAP_TRANSIT)?).map_err(map_err(MAP_TRANSIT))?;
-        let counters_map =
-            PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
+        let counters_map = Arc::new(
+            PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
+        );
         {
             let prog: &mut Xdp = ebpf
                 .program_mut(PROGRAM_NAME)
@@ -464,6 +567,24 @@ impl XdpFastPath {
             prog.pin(dir.join("prog"))
                 .map_err(|e| XdpError::Load(format!("pinning the program: {e}")))?;
         }
+        // The TC half is optional: without it (an older kernel's verifier, no bpf_loop) the XDP
+        // part still works and bulk transit takes the user-space path.
+        let tc_loaded = match ebpf
+            .program_mut(TC_PROGRAM_NAME)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        {
+            Some(tc) => match tc.load() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "loading {TC_PROGRAM_NAME} failed ({e}): bulk transit (GSO/GRO \
+                         super-packets) takes the user-space path"
+                    );
+                    false
+                }
+            },
+            None => false,
+        };
         let local = crate::state::upper64(&cfg.node);
         let mut fp = XdpFastPath {
             ebpf,
@@ -477,6 +598,7 @@ impl XdpFastPath {
             current: Desired::default(),
             attached: Vec::new(),
             refused: HashSet::new(),
+            tc_loaded,
         };
         for iface in &cfg.ifaces {
             fp.attach(iface)?;
@@ -542,10 +664,12 @@ impl XdpFastPath {
                         );
                     }
                     tracing::info!(iface, mode = got.as_str(), "XDP fast path attached");
+                    let tc_link = self.attach_tc(iface);
                     self.attached.push(Attachment {
                         iface: iface.to_owned(),
                         mode: *got,
                         link,
+                        tc_link,
                     });
                     return Ok(*got);
                 }
@@ -556,6 +680,43 @@ impl XdpFastPath {
             iface: iface.to_owned(),
             detail: errors.join("; "),
         })
+    }
+
+    /// Attaches the TC ingress program (GSO/GRO super-packets, which XDP passes) to `iface`
+    /// through TCX and pins the link (`link_tc_<iface>`). Without it the fast path still works;
+    /// bulk transit then takes the user-space path.
+    fn attach_tc(&mut self, iface: &str) -> Option<PinnedLink> {
+        if !self.tc_loaded {
+            return None;
+        }
+        let pin_path = self.dir.join(format!("link_tc_{iface}"));
+        let attached = self
+            .ebpf
+            .program_mut(TC_PROGRAM_NAME)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .ok_or_else(|| format!("no program {TC_PROGRAM_NAME}"))
+            .and_then(|tc| {
+                let id = tc
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(|e| e.to_string())?;
+                let link = tc.take_link(id).map_err(|e| e.to_string())?;
+                let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
+                fd.pin(&pin_path).map_err(|e| format!("pinning: {e}"))
+            });
+        match attached {
+            Ok(l) => {
+                tracing::info!(iface, "TC ingress program attached (GSO/GRO bulk transit)");
+                Some(l)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    iface,
+                    "TC ingress program not attached ({e}): bulk transit (GSO/GRO super-packets) \
+                     takes the user-space path"
+                );
+                None
+            }
+        }
     }
 
     /// The interfaces attached so far, with their modes.
@@ -649,37 +810,25 @@ impl XdpFastPath {
 
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<XdpCounters, XdpError> {
-        let per_cpu = self
-            .counters_map
-            .get(&0, 0)
-            .map_err(map_err(MAP_COUNTERS))?;
-        let mut sum = XdpCounters::default();
-        for c in per_cpu.iter() {
-            sum.accumulate(c);
-        }
-        Ok(sum)
+        sum_counters(&self.counters_map)
     }
 
-    /// The counters as a JSON object (`xdp_<name>`), plus the attachments.
-    pub fn stats_json(&self) -> serde_json::Value {
-        let mut map = serde_json::Map::new();
-        if let Ok(c) = self.counters() {
-            for (name, v) in c.iter() {
-                map.insert(format!("xdp_{name}"), v.into());
-            }
+    /// A snapshot of the attachments and map sizes with a handle on the counters map, for
+    /// readers on other threads ([`crate::state::Shared::xdp`]).
+    pub fn view(&self) -> XdpView {
+        XdpView {
+            counters: Arc::clone(&self.counters_map),
+            pin_dir: self.dir.clone(),
+            interfaces: self.attached(),
+            transit_entries: self.current.transit.len(),
+            allowed_peers: self.current.peers.len(),
         }
-        let ifaces: serde_json::Map<String, serde_json::Value> = self
-            .attached
-            .iter()
-            .map(|a| (a.iface.clone(), a.mode.as_str().into()))
-            .collect();
-        serde_json::json!({
-            "pin_dir": self.dir.display().to_string(),
-            "interfaces": ifaces,
-            "transit_entries": self.current.transit.len(),
-            "allowed_peers": self.current.peers.len(),
-            "counters": map,
-        })
+    }
+
+    /// The counters as a JSON object (`xdp_<name>`), plus the attachments (see
+    /// [`XdpView::to_json`]).
+    pub fn stats_json(&self) -> serde_json::Value {
+        self.view().to_json()
     }
 
     /// Detaches from every interface and removes the pins (also done on drop).
@@ -689,7 +838,7 @@ impl XdpFastPath {
 
     fn teardown(&mut self) {
         for a in self.attached.drain(..) {
-            if let Some(link) = a.link {
+            for link in [a.link, a.tc_link].into_iter().flatten() {
                 match link.unpin() {
                     Ok(l) => drop(l),
                     Err(e) => tracing::warn!(iface = a.iface, "unpinning the XDP link: {e}"),

@@ -5,8 +5,7 @@
 //! control plane's packets go out from the node's port, sealed when they are overlay packets; a
 //! resync removes what the replay omitted, and not before its end marker.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,35 +15,11 @@ use hypha_proto::shm::{
     RegionConfig, Resync, Role, RouteEntry, SendTo, SessionKey,
 };
 use hypha_proto::wire::data::{Kind, Packet, Repr, HEADER_LEN};
-use hypha_testnet::{wait_until, LinkOpts, Node, TestNet};
-
-const PORT: u16 = 9651;
-const STATS: &str = "127.0.0.1:9652";
-const A: &str = "4aa:1:2:3::1";
-const B: &str = "5bb:4:5:6::1";
-const C: &str = "4cc:7:8:9::1";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use hypha_testnet::dp::{is_root, stats, A, B, C, PORT, STATS};
+use hypha_testnet::{wait_until, LinkOpts, TestNet};
 
 fn addr(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
-}
-
-fn stats(node: &Node) -> Option<serde_json::Value> {
-    node.run_in(|| -> Option<serde_json::Value> {
-        let mut s =
-            TcpStream::connect_timeout(&STATS.parse().ok()?, Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
-    })
-    .ok()
-    .flatten()
 }
 
 fn push(p: &mut Producer, r: &Record<'_>) {

@@ -4,70 +4,17 @@
 //! flipped ciphertext bit as an authentication failure, and neither reaches the TUN; a transit
 //! node forwards without a session.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use hypha_testnet::dp::{
+    is_root, key, net64, static_config as config, stats, StaticSession as Sess, A, B, C, PORT,
+    STATS,
+};
 use hypha_testnet::{wait_until, LinkOpts, Node, ProcHandle, TestNet};
-
-const PORT: u16 = 9651;
-const STATS: &str = "127.0.0.1:9652";
-const A: &str = "4aa:1:2:3::1";
-const B: &str = "5bb:4:5:6::1";
-const C: &str = "4cc:7:8:9::1";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn key(byte: u8) -> String {
-    hex_key(&[byte; 32])
-}
-
-fn hex_key(k: &[u8]) -> String {
-    k.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-struct Sess<'a> {
-    peer: &'a str,
-    rx_index: u32,
-    tx_index: u32,
-    tx_key: String,
-    rx_key: String,
-}
-
-fn config(
-    addr: &str,
-    peers: &[(u32, SocketAddr)],
-    routes: &[(&str, u32)],
-    sessions: &[Sess<'_>],
-) -> String {
-    let mut s = format!("address = \"{addr}\"\nport = {PORT}\n");
-    for (id, ep) in peers {
-        s += &format!("[[peers]]\nid = {id}\nendpoint = \"{ep}\"\n");
-    }
-    for (prefix, peer) in routes {
-        s += &format!("[[routes]]\nprefix = \"{prefix}/64\"\npeer = {peer}\n");
-    }
-    for x in sessions {
-        s += &format!(
-            "[[sessions]]\npeer = \"{}\"\nrx_index = {}\ntx_index = {}\ntx_key = \"{}\"\nrx_key = \"{}\"\ncipher = \"aes-256-gcm\"\n",
-            x.peer, x.rx_index, x.tx_index, x.tx_key, x.rx_key
-        );
-    }
-    s
-}
-
-/// The /64 network of an address, as text.
-fn net64(addr: &str) -> String {
-    let a: Ipv6Addr = addr.parse().unwrap();
-    let bits = u128::from(a) & !((1u128 << 64) - 1);
-    Ipv6Addr::from(bits).to_string()
-}
 
 fn start(net: &TestNet, node: &Node, name: &str, cfg: &str) -> ProcHandle {
     let path: PathBuf = net.log_dir().join(format!("{name}.toml"));
@@ -97,22 +44,6 @@ fn start(net: &TestNet, node: &Node, name: &str, cfg: &str) -> ProcHandle {
         )
     });
     p
-}
-
-/// The JSON counters of the hypha-dp running in `node`.
-fn stats(node: &Node) -> Option<serde_json::Value> {
-    node.run_in(|| -> Option<serde_json::Value> {
-        let mut s =
-            TcpStream::connect_timeout(&STATS.parse().ok()?, Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let body = out.split_once("\r\n\r\n")?.1;
-        serde_json::from_str(body).ok()
-    })
-    .ok()
-    .flatten()
 }
 
 fn counter(node: &Node, name: &str) -> u64 {

@@ -15,13 +15,16 @@
 //!
 //! - `transit_line_auto_mode_is_generic_on_veth`: the same line with IP forwarding on b and no
 //!   ethtool tweaks, over an IPv4 and an IPv6 underlay: `--xdp auto` attaches b's veths in
-//!   generic mode, and a→c traffic crosses b through XDP redirects.
+//!   generic mode, and a→c traffic crosses b through XDP redirects; an iperf3 run's GSO
+//!   super-packets cross b through the TC ingress program (`gso_redirect`) while b's user space
+//!   forwards (almost) none of it, also with b's tx checksum offload off, where c's kernel
+//!   verifies every segment's UDP checksum and a capture at c (tshark, if installed) shows every
+//!   DATA frame's hop limit decremented once.
 //!
 //! Native XDP redirect between veths needs GRO on the redirect target's peer and TX checksum
 //! offload off on the sending veths (ENVIRONMENT.md); test 1 sets both.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,64 +32,11 @@ use std::time::{Duration, Instant};
 use hypha_dataplane::fib::{Fib, FibHasherBuilder, NextHop, Prefix};
 use hypha_dataplane::state::PeerTable;
 use hypha_dataplane::xdp::{node_dir_name, XdpConfig, XdpFastPath, XdpSetting};
+use hypha_testnet::dp::{
+    have, is_root, key, net64, static_config as config, stats, StaticSession as Sess, A, B, C,
+    PORT, STATS,
+};
 use hypha_testnet::{wait_until, LinkOpts, Node, ProcHandle, TestNet};
-
-const PORT: u16 = 9651;
-const STATS: &str = "127.0.0.1:9652";
-const A: &str = "4aa:1:2:3::1";
-const B: &str = "5bb:4:5:6::1";
-const C: &str = "4cc:7:8:9::1";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn key(byte: u8) -> String {
-    [byte; 32].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-struct Sess<'a> {
-    peer: &'a str,
-    rx_index: u32,
-    tx_index: u32,
-    tx_key: String,
-    rx_key: String,
-}
-
-fn config(
-    addr: &str,
-    peers: &[(u32, SocketAddr)],
-    routes: &[(&str, u32)],
-    sessions: &[Sess<'_>],
-) -> String {
-    let mut s = format!("address = \"{addr}\"\nport = {PORT}\n");
-    for (id, ep) in peers {
-        s += &format!("[[peers]]\nid = {id}\nendpoint = \"{ep}\"\n");
-    }
-    for (prefix, peer) in routes {
-        s += &format!("[[routes]]\nprefix = \"{prefix}/64\"\npeer = {peer}\n");
-    }
-    for x in sessions {
-        s += &format!(
-            "[[sessions]]\npeer = \"{}\"\nrx_index = {}\ntx_index = {}\ntx_key = \"{}\"\nrx_key = \"{}\"\ncipher = \"aes-256-gcm\"\n",
-            x.peer, x.rx_index, x.tx_index, x.tx_key, x.rx_key
-        );
-    }
-    s
-}
-
-fn net64(addr: &str) -> String {
-    let a: Ipv6Addr = addr.parse().unwrap();
-    Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1)).to_string()
-}
 
 /// A bpffs pin root of this test's own (tests run in parallel and reuse node addresses).
 fn pin_root(net: &TestNet) -> PathBuf {
@@ -140,20 +90,6 @@ fn start(net: &TestNet, node: &Node, name: &str, cfg: &str, xdp: &str) -> ProcHa
         )
     });
     p
-}
-
-fn stats(node: &Node) -> Option<serde_json::Value> {
-    node.run_in(|| -> Option<serde_json::Value> {
-        let mut s =
-            TcpStream::connect_timeout(&STATS.parse().ok()?, Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
-    })
-    .ok()
-    .flatten()
 }
 
 fn counter(node: &Node, name: &str) -> u64 {
@@ -463,8 +399,8 @@ fn transit_line_driver_mode() {
 /// the ethtool tweaks native veth redirect needs.
 #[test]
 fn transit_line_auto_mode_is_generic_on_veth() {
-    if !is_root() || !have("iperf3") {
-        eprintln!("skipped: needs root and iperf3");
+    if !is_root() || !have("iperf3") || !have("ethtool") {
+        eprintln!("skipped: needs root, iperf3 and ethtool");
         return;
     }
     hypha_testnet::ensure_bpffs().unwrap();
@@ -557,23 +493,156 @@ fn auto_line(v6: bool) {
         redirected >= 40,
         "v6 {v6}: pings crossed b's XDP only {redirected} times"
     );
-    let redirect0 = counter(&b, "xdp_redirect");
-    let fwd0 = counter(&b, "forwarded");
-    let (bytes, bps) = iperf(&c, &a, C, 2);
-    let s = stats(&b).unwrap();
-    eprintln!(
-        "v6 {v6}: iperf3 a->c through b (generic XDP): {bytes} bytes, {:.2} Gbit/s; \
-         b: xdp_redirect +{}, user-space forwarded +{}; XDP counters {}",
-        bps / 1e9,
-        counter(&b, "xdp_redirect") - redirect0,
-        counter(&b, "forwarded") - fwd0,
-        s["xdp"]["counters"]
+    // Bulk: a's dataplane sends UDP GSO super-packets, which cross the veth whole. Generic XDP
+    // passes them on (`pass_gso`) and the TC ingress program forwards them (`gso_redirect`):
+    // b's user space sees (almost) none of the transfer.
+    let bulk = |label: &str| {
+        let c0 = |n: &str| counter(&b, n);
+        let (redirect0, gso0, fwd0) = (c0("xdp_redirect"), c0("xdp_gso_redirect"), c0("forwarded"));
+        let (bytes, bps) = iperf(&c, &a, C, 2);
+        let s = stats(&b).unwrap();
+        let redirect = counter(&b, "xdp_redirect") - redirect0;
+        let gso = counter(&b, "xdp_gso_redirect") - gso0;
+        let fwd = counter(&b, "forwarded") - fwd0;
+        eprintln!(
+            "v6 {v6} ({label}): iperf3 a->c through b (generic XDP + TC): {bytes} bytes, \
+             {:.2} Gbit/s; b: xdp_redirect +{redirect}, gso_redirect +{gso}, user-space \
+             forwarded +{fwd}; XDP counters {}",
+            bps / 1e9,
+            s["xdp"]["counters"]
+        );
+        assert!(
+            bytes > 1_000_000,
+            "v6 {v6} ({label}): iperf3 moved only {bytes} bytes"
+        );
+        assert!(
+            gso > 0,
+            "v6 {v6} ({label}): no super-packet forwarded in TC: {s}"
+        );
+        // Every super-packet carries several datagrams: user space forwarding more than a
+        // twentieth as many datagrams as the kernel forwarded frames means the fast path missed.
+        assert!(
+            fwd * 20 <= redirect + gso,
+            "v6 {v6} ({label}): b's user space forwarded {fwd} datagrams, the kernel \
+             {redirect} frames + {gso} super-packets: {s}"
+        );
+        assert_eq!(counter(&b, "xdp_gso_drop"), 0, "v6 {v6} ({label}): {s}");
+    };
+    bulk("veth offloads on");
+    // With tx checksum offload off on b's veth towards c, the super-packets are segmented and
+    // checksummed in software on the way out, and c's kernel verifies every UDP checksum: the
+    // rewritten pseudo-header seed must be right.
+    let csum_errors = || {
+        let snmp = c
+            .exec_ok(["cat", "/proc/net/snmp", "/proc/net/snmp6"])
+            .unwrap();
+        snmp_in_csum_errors(&snmp)
+    };
+    ethtool(&b, bc.a().ifname(), "tx", false);
+    let errors0 = csum_errors();
+    // The datagrams now reach c one by one: capture them, to see every segment's hop limit.
+    let pcap = net.log_dir().join(format!("c-{v6}.pcap"));
+    let capture = have("tshark").then(|| {
+        let cap = c
+            .spawn_args(
+                "tshark",
+                [
+                    "tshark",
+                    "-i",
+                    bc.b().ifname(),
+                    "-a",
+                    "duration:4",
+                    "-c",
+                    "5000",
+                    "-f",
+                    "udp dst port 9651",
+                    "-w",
+                    pcap.to_str().unwrap(),
+                ],
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        cap
+    });
+    bulk("b's tx checksum offload off");
+    assert_eq!(
+        csum_errors(),
+        errors0,
+        "v6 {v6}: c's kernel saw UDP checksum errors on what b's TC program forwarded"
     );
-    assert!(
-        bytes > 1_000_000,
-        "v6 {v6}: iperf3 moved only {bytes} bytes"
-    );
+    if let Some(cap) = capture {
+        let _ = cap.wait_exit(Duration::from_secs(10));
+        let hops = data_hop_limits(&c, &pcap, &net64(C));
+        eprintln!("v6 {v6}: hop limits of DATA frames to c at c: {hops:?}");
+        let total: usize = hops.values().sum();
+        assert!(
+            total > 100,
+            "v6 {v6}: only {total} DATA frames captured at c"
+        );
+        // a sends with hop limit 64; b (XDP, TC for every segment of a super-packet) takes one.
+        assert_eq!(
+            hops.keys().copied().collect::<Vec<_>>(),
+            vec![63],
+            "v6 {v6}: hop limits at c: {hops:?}"
+        );
+    }
     pb.stop().unwrap();
+}
+
+/// Hop limit → count of the DATA frames to `dst64` (a /64 as `net64` gives it) in a capture.
+fn data_hop_limits(
+    node: &Node,
+    pcap: &std::path::Path,
+    dst64: &str,
+) -> std::collections::BTreeMap<u8, usize> {
+    let prefix = dst64.parse::<Ipv6Addr>().unwrap().octets();
+    let out = node
+        .exec_ok([
+            "tshark",
+            "-r",
+            pcap.to_str().unwrap(),
+            "-T",
+            "fields",
+            "-e",
+            "udp.payload",
+        ])
+        .unwrap();
+    let mut hops = std::collections::BTreeMap::new();
+    for line in out.lines() {
+        let hex: String = line.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        let bytes: Vec<u8> = (0..hex.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+            .collect();
+        if bytes.len() >= 48 && bytes[0] == 0x01 && bytes[32..40] == prefix[..8] {
+            *hops.entry(bytes[1]).or_insert(0) += 1;
+        }
+    }
+    hops
+}
+
+/// The sum of `Udp: InCsumErrors` (/proc/net/snmp) and `Udp6InCsumErrors` (/proc/net/snmp6).
+fn snmp_in_csum_errors(text: &str) -> u64 {
+    let mut total = 0;
+    let mut udp_header: Option<Vec<&str>> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Udp: ") {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            match &udp_header {
+                None => udp_header = Some(fields),
+                Some(h) => {
+                    if let Some(i) = h.iter().position(|f| *f == "InCsumErrors") {
+                        total += fields
+                            .get(i)
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0);
+                    }
+                }
+            }
+        } else if let Some(v) = line.strip_prefix("Udp6InCsumErrors") {
+            total += v.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    total
 }
 
 /// XDP that can't attach (loopback has no native XDP): a clear log line, and the dataplane runs
@@ -610,7 +679,8 @@ fn dataplane_runs_without_xdp_when_it_cannot_attach() {
         "{log}"
     );
     let s = stats(&a).expect("dataplane not serving stats");
-    assert!(s["xdp"].is_null(), "{s}");
+    assert_eq!(s["xdp"]["loaded"], false, "{s}");
+    assert_eq!(s["xdp"]["mode"], "off", "{s}");
     assert!(xdp_prog_ids(&a, "lo").is_empty());
     // The failed start left no pins behind.
     let node_dir = pin_root(&net).join(node_dir_name(&A.parse().unwrap()));

@@ -13,8 +13,11 @@
  *    checksums fixed incrementally (RFC 1624), and the frame leaves through
  *    bpf_fib_lookup + bpf_redirect (XDP_TX on the same interface) without
  *    ever reaching user space;
+ *  - a transit GSO/GRO super-packet (longer than the ingress MTU) passes to the TC
+ *    ingress program below (`hypha_tc`), which forwards it as an skb;
  *  - anything else passes.
- * Every packet is counted once in `counters` under the reason that decided it.
+ * Every packet is counted once in `counters` under the reason that decided it; the TC
+ * program counts the super-packets it sees again under gso_*.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -91,8 +94,45 @@ static __always_inline __u32 csum_words(__u32 acc, const __u16 *old, const __u16
 	return acc;
 }
 
+/* Is the frame longer than the ingress device's MTU lets one frame be? Then it is a GSO/GRO
+ * super-packet (generic mode sees the whole skb: a sender's UDP_SEGMENT batch crossing a veth,
+ * or a UDP GRO aggregate), carrying several datagrams of the same flow back to back. */
+static __always_inline int is_super_packet(struct xdp_md *ctx)
+{
+	__u32 mtu_len = 0;
+	return bpf_check_mtu(ctx, 0, &mtu_len, 0, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED;
+}
+
 /* Returns the XDP action for a DATA frame from a peer. `udp` and the 48-byte
  * header after it are within bounds (checked by the caller). */
+/* bpf_fib_lookup towards the next hop; tot_len 0 skips the MTU check. */
+static __always_inline long fib_v4(struct xdp_md *ctx, struct bpf_fib_lookup *fib, struct iphdr *ip,
+				   const struct transit_value *nh, __u16 tot_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET;
+	fib->tos = ip->tos;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->tot_len = tot_len;
+	fib->ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(&fib->ipv4_src, nh->src, 4);
+	__builtin_memcpy(&fib->ipv4_dst, nh->addr, 4);
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
+static __always_inline long fib_v6(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
+				   const struct transit_value *nh, __u16 tot_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET6;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->tot_len = tot_len;
+	fib->ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(fib->ipv6_src, nh->src, 16);
+	__builtin_memcpy(fib->ipv6_dst, nh->addr, 16);
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
 static __always_inline int transit_v4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
 				      struct udphdr *udp, __u8 *hdr, const struct transit_value *nh,
 				      struct xdp_counters *c)
@@ -101,15 +141,12 @@ static __always_inline int transit_v4(struct xdp_md *ctx, struct ethhdr *eth, st
 		COUNT(c, pass_family);
 		return XDP_PASS;
 	}
-	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ifindex = ctx->ingress_ifindex;
-	__builtin_memcpy(&fib.ipv4_src, nh->src, 4);
-	__builtin_memcpy(&fib.ipv4_dst, nh->addr, 4);
-	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	struct bpf_fib_lookup fib;
+	long rc = fib_v4(ctx, &fib, ip, nh, bpf_ntohs(ip->tot_len));
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && is_super_packet(ctx)) {
+		COUNT(c, pass_gso);
+		return XDP_PASS;
+	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		COUNT(c, pass_no_neigh);
 		return XDP_PASS;
@@ -170,14 +207,12 @@ static __always_inline int transit_v6(struct xdp_md *ctx, struct ethhdr *eth, st
 		COUNT(c, pass_family);
 		return XDP_PASS;
 	}
-	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET6;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr);
-	fib.ifindex = ctx->ingress_ifindex;
-	__builtin_memcpy(fib.ipv6_src, nh->src, 16);
-	__builtin_memcpy(fib.ipv6_dst, nh->addr, 16);
-	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	struct bpf_fib_lookup fib;
+	long rc = fib_v6(ctx, &fib, nh, bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr));
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && is_super_packet(ctx)) {
+		COUNT(c, pass_gso);
+		return XDP_PASS;
+	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		COUNT(c, pass_no_neigh);
 		return XDP_PASS;
@@ -329,6 +364,203 @@ int hypha_xdp(struct xdp_md *ctx)
 		return transit_v6(ctx, eth, ip6, udp, hdr, nh, c);
 	COUNT(c, malformed);
 	return XDP_PASS;
+}
+
+/*
+ * The TC ingress half: bulk transit in super-packets.
+ *
+ * A GSO/GRO super-packet (a sender's UDP_SEGMENT batch crossing a veth, or a UDP GRO aggregate)
+ * is one skb carrying up to 64 (or 128) datagrams of one flow back to back, each with its own
+ * DATA header. Generic XDP sees it as one frame longer than the MTU: bpf_fib_lookup refuses it
+ * (FRAG_NEEDED), and the kernel would refuse to redirect it anyway (generic XDP redirect checks
+ * the skb length against the target's MTU), so XDP passes it (`pass_gso`) and this program,
+ * which runs right after on the same interface, forwards it as the skb it is:
+ *  - every segment (at gso_size steps) must be a DATA frame to the same /64 with hop limit > 1,
+ *    or the whole super-packet goes up to user space, which handles each datagram alone;
+ *  - bpf_fib_lookup with tot_len 0 checks the skb against the egress MTU the GSO-aware way
+ *    (is_skb_forwardable: each segment must fit);
+ *  - addresses, ports and every segment's hop limit are rewritten with the skb checksum helpers,
+ *    which know a CHECKSUM_PARTIAL skb (only pseudo-header changes go into its seed);
+ *  - bpf_redirect to the egress device, where GSO splits it (or the device does).
+ * Frames that are not super-packets are XDP's and pass here untouched and uncounted.
+ */
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+#define HYPHA_MAX_SEGS 128
+#define ETH_LEN 14
+
+struct seg_ctx {
+	struct __sk_buff *skb;
+	__u32 off;      /* first segment's DATA header */
+	__u32 end;      /* end of the UDP payload */
+	__u32 step;     /* gso_size */
+	__u64 prefix;   /* the first segment's destination /64, as on the wire */
+	int bad;        /* a segment that is not transit to the same /64 with hop limit > 1 */
+	int rewrite;    /* second pass: decrement each hop limit */
+};
+
+static long seg_visit(__u32 i, void *data)
+{
+	struct seg_ctx *s = data;
+	__u32 off = s->off + i * s->step;
+	if (off >= s->end)
+		return 1;
+	__u8 first[2];
+	if (bpf_skb_load_bytes(s->skb, off, first, 2)) {
+		s->bad = 1;
+		return 1;
+	}
+	if (s->rewrite) {
+		__u8 hop = first[1] - 1;
+		/* The hop limit is payload, which a CHECKSUM_PARTIAL skb's seed doesn't cover (UDP
+		 * GSO skbs are always partial; GRO makes its aggregates partial too). */
+		if (bpf_skb_store_bytes(s->skb, off + HYPHA_DATA_HOP_LIMIT_OFF, &hop, 1, 0))
+			s->bad = 1;
+		return 0;
+	}
+	__u64 prefix;
+	if (first[0] != HYPHA_FRAME_DATA || first[1] <= 1 ||
+	    bpf_skb_load_bytes(s->skb, off + HYPHA_DATA_DST_OFF, &prefix, 8) || prefix != s->prefix) {
+		s->bad = 1;
+		return 1;
+	}
+	return 0;
+}
+
+SEC("classifier")
+int hypha_tc(struct __sk_buff *skb)
+{
+	__u32 step = skb->gso_size;
+	if (!step)
+		return TC_ACT_OK;
+	__u32 zero = 0;
+	struct xdp_counters *c = bpf_map_lookup_elem(&counters, &zero);
+
+	struct peer_key pk;
+	__builtin_memset(&pk, 0, sizeof(pk));
+	__u32 l4;
+	int v6;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, ETH_LEN, &ip, sizeof(ip)) || ip.protocol != IPPROTO_UDP ||
+		    ip.ihl != 5)
+			return TC_ACT_OK;
+		__builtin_memcpy(pk.addr, &ip.saddr, 4);
+		pk.family = HYPHA_FAMILY_V4;
+		l4 = ETH_LEN + sizeof(struct iphdr);
+		v6 = 0;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, ETH_LEN, &ip6, sizeof(ip6)) || ip6.nexthdr != IPPROTO_UDP)
+			return TC_ACT_OK;
+		__builtin_memcpy(pk.addr, &ip6.saddr, 16);
+		pk.family = HYPHA_FAMILY_V6;
+		l4 = ETH_LEN + sizeof(struct ipv6hdr);
+		v6 = 1;
+	} else {
+		return TC_ACT_OK;
+	}
+	struct udphdr udp;
+	if (bpf_skb_load_bytes(skb, l4, &udp, sizeof(udp)) || udp.dest != bpf_htons(hypha_port))
+		return TC_ACT_OK;
+	pk.port = bpf_ntohs(udp.source);
+	if (!bpf_map_lookup_elem(&allowed_peers, &pk)) {
+		/* XDP already dropped these unless it isn't attached here. */
+		COUNT(c, gso_pass);
+		return TC_ACT_OK;
+	}
+
+	struct seg_ctx s = {
+		.skb = skb,
+		.off = l4 + sizeof(struct udphdr),
+		.end = skb->len,
+		.step = step,
+	};
+	if (bpf_skb_load_bytes(skb, s.off + HYPHA_DATA_DST_OFF, &s.prefix, 8)) {
+		COUNT(c, gso_pass);
+		return TC_ACT_OK;
+	}
+	struct transit_key tk;
+	__builtin_memcpy(tk.prefix, &s.prefix, 8);
+	struct transit_value *nh = bpf_map_lookup_elem(&transit, &tk);
+	if (!nh || nh->family != (v6 ? HYPHA_FAMILY_V6 : HYPHA_FAMILY_V4) ||
+	    (s.end - s.off + step - 1) / step > HYPHA_MAX_SEGS) {
+		COUNT(c, gso_pass);
+		return TC_ACT_OK;
+	}
+	bpf_loop(HYPHA_MAX_SEGS, seg_visit, &s, 0);
+	if (s.bad) {
+		COUNT(c, gso_pass);
+		return TC_ACT_OK;
+	}
+
+	struct bpf_fib_lookup fib = {};
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.tot_len = 0; /* GSO-aware MTU check of the skb against the egress device */
+	fib.ifindex = skb->ingress_ifindex;
+	if (v6) {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, nh->src, 16);
+		__builtin_memcpy(fib.ipv6_dst, nh->addr, 16);
+	} else {
+		fib.family = AF_INET;
+		__builtin_memcpy(&fib.ipv4_src, nh->src, 4);
+		__builtin_memcpy(&fib.ipv4_dst, nh->addr, 4);
+	}
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
+		COUNT(c, gso_pass);
+		return TC_ACT_OK;
+	}
+
+	/* Rewrite. From here on a failure leaves a half-rewritten packet: drop it. */
+	__u32 csum_off = l4 + offsetof(struct udphdr, check);
+	__u32 mangled = v6 ? 0 : BPF_F_MARK_MANGLED_0;
+	s.rewrite = 1;
+	bpf_loop(HYPHA_MAX_SEGS, seg_visit, &s, 0);
+	__u16 ports[2] = { udp.dest, bpf_htons(nh->port) };
+	long err = s.bad;
+	if (v6) {
+		__u32 addrs[8];
+		__builtin_memcpy(addrs, nh->src, 16);
+		__builtin_memcpy(&addrs[4], nh->addr, 16);
+		__u32 old[8];
+		err |= bpf_skb_load_bytes(skb, ETH_LEN + offsetof(struct ipv6hdr, saddr), old, 32);
+		__s64 diff = bpf_csum_diff(old, 32, addrs, 32, 0);
+		err |= bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR);
+		err |= bpf_skb_store_bytes(skb, ETH_LEN + offsetof(struct ipv6hdr, saddr), addrs, 32, 0);
+		__u8 hl = OUTER_TTL;
+		err |= bpf_skb_store_bytes(skb, ETH_LEN + offsetof(struct ipv6hdr, hop_limit), &hl, 1, 0);
+	} else {
+		__u32 addrs[2];
+		__builtin_memcpy(addrs, nh->src, 4);
+		__builtin_memcpy(&addrs[1], nh->addr, 4);
+		__u32 old[2];
+		err |= bpf_skb_load_bytes(skb, ETH_LEN + offsetof(struct iphdr, saddr), old, 8);
+		__s64 diff = bpf_csum_diff(old, 8, addrs, 8, 0);
+		err |= bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
+		err |= bpf_l3_csum_replace(skb, ETH_LEN + offsetof(struct iphdr, check), 0, diff, 0);
+		err |= bpf_skb_store_bytes(skb, ETH_LEN + offsetof(struct iphdr, saddr), addrs, 8, 0);
+		__u8 ttl_old;
+		err |= bpf_skb_load_bytes(skb, ETH_LEN + offsetof(struct iphdr, ttl), &ttl_old, 1);
+		err |= bpf_l3_csum_replace(skb, ETH_LEN + offsetof(struct iphdr, check),
+					   bpf_htons((__u16)ttl_old << 8), bpf_htons(OUTER_TTL << 8), 2);
+		__u8 ttl = OUTER_TTL;
+		err |= bpf_skb_store_bytes(skb, ETH_LEN + offsetof(struct iphdr, ttl), &ttl, 1, 0);
+	}
+	/* Ports are not in the pseudo-header (a partial seed ignores them; the helper knows). */
+	__u32 old_ports, new_ports;
+	__builtin_memcpy(&new_ports, ports, 4);
+	err |= bpf_skb_load_bytes(skb, l4, &old_ports, 4);
+	err |= bpf_l4_csum_replace(skb, csum_off, old_ports, new_ports, 4 | mangled);
+	err |= bpf_skb_store_bytes(skb, l4, &new_ports, 4, 0);
+	err |= bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), fib.dmac, ETH_ALEN, 0);
+	err |= bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), fib.smac, ETH_ALEN, 0);
+	if (err) {
+		COUNT(c, gso_drop);
+		return TC_ACT_SHOT;
+	}
+	COUNT(c, gso_redirect);
+	return bpf_redirect(fib.ifindex, 0);
 }
 
 /* bpf_fib_lookup and bpf_redirect are GPL-only helpers; this file is dual-licensed (SPDX line). */

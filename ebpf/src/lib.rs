@@ -24,6 +24,9 @@ pub static PROGRAM: &[u8] = &ALIGNED.0;
 
 /// The program's name (its function, `SEC("xdp")`).
 pub const PROGRAM_NAME: &str = "hypha_xdp";
+/// The TC ingress program's name (`SEC("classifier")`): forwards the GSO/GRO super-packets XDP
+/// passes.
+pub const TC_PROGRAM_NAME: &str = "hypha_tc";
 /// The `volatile const` global holding the node's UDP port (a `u16`).
 pub const PORT_GLOBAL: &str = "hypha_port";
 /// The allowed-peers map: [`maps::PeerKey`] → [`maps::PeerValue`].
@@ -46,6 +49,7 @@ mod tests {
         // The names the loader looks up are in the object's string tables.
         for name in [
             PROGRAM_NAME,
+            TC_PROGRAM_NAME,
             PORT_GLOBAL,
             MAP_ALLOWED_PEERS,
             MAP_TRANSIT,

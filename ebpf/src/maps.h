@@ -91,8 +91,12 @@ struct xdp_counters {
 	__u64 pass_fib_other;    /* fib lookup: any other failure */
 	__u64 redirect;          /* transit: bpf_redirect to another interface */
 	__u64 tx;                /* transit: XDP_TX back out of the same interface */
+	__u64 pass_gso;          /* transit GSO/GRO super-packet: left to the TC program */
+	__u64 gso_redirect;      /* TC: super-packet forwarded with bpf_redirect */
+	__u64 gso_pass;          /* TC: super-packet to our port left to user space */
+	__u64 gso_drop;          /* TC: super-packet dropped (a rewrite helper failed) */
 };
-#define HYPHA_XDP_COUNTERS 11
+#define HYPHA_XDP_COUNTERS 15
 _Static_assert(sizeof(struct xdp_counters) == HYPHA_XDP_COUNTERS * 8, "xdp_counters size");
 _Static_assert(offsetof(struct xdp_counters, pass_not_ours) == 0, "counter 0");
 _Static_assert(offsetof(struct xdp_counters, malformed) == 8, "counter 1");
@@ -105,5 +109,9 @@ _Static_assert(offsetof(struct xdp_counters, pass_no_neigh) == 56, "counter 7");
 _Static_assert(offsetof(struct xdp_counters, pass_fib_other) == 64, "counter 8");
 _Static_assert(offsetof(struct xdp_counters, redirect) == 72, "counter 9");
 _Static_assert(offsetof(struct xdp_counters, tx) == 80, "counter 10");
+_Static_assert(offsetof(struct xdp_counters, pass_gso) == 88, "counter 11");
+_Static_assert(offsetof(struct xdp_counters, gso_redirect) == 96, "counter 12");
+_Static_assert(offsetof(struct xdp_counters, gso_pass) == 104, "counter 13");
+_Static_assert(offsetof(struct xdp_counters, gso_drop) == 112, "counter 14");
 
 #endif

@@ -165,9 +165,18 @@ pub struct XdpCounters {
     pub redirect: u64,
     /// Transit sent back out of the receiving interface (`XDP_TX`).
     pub tx: u64,
+    /// A transit GSO/GRO super-packet (longer than the ingress MTU): passed on to the TC program.
+    pub pass_gso: u64,
+    /// TC program: a super-packet forwarded with `bpf_redirect`.
+    pub gso_redirect: u64,
+    /// TC program: a super-packet to our port left to user space (not transit, a segment with
+    /// hop limit ≤ 1 or another destination, fib lookup failed).
+    pub gso_pass: u64,
+    /// TC program: a super-packet dropped because a rewrite helper failed.
+    pub gso_drop: u64,
 }
 /// `HYPHA_XDP_COUNTERS`.
-pub const COUNTERS: usize = 11;
+pub const COUNTERS: usize = 15;
 const _: () = assert!(core::mem::size_of::<XdpCounters>() == COUNTERS * 8);
 
 impl XdpCounters {
@@ -184,6 +193,10 @@ impl XdpCounters {
         "pass_fib_other",
         "redirect",
         "tx",
+        "pass_gso",
+        "gso_redirect",
+        "gso_pass",
+        "gso_drop",
     ];
 
     /// The values, in field order.
@@ -200,6 +213,10 @@ impl XdpCounters {
             self.pass_fib_other,
             self.redirect,
             self.tx,
+            self.pass_gso,
+            self.gso_redirect,
+            self.gso_pass,
+            self.gso_drop,
         ]
     }
 
@@ -321,6 +338,10 @@ mod tests {
             offset_of!(XdpCounters, pass_fib_other),
             offset_of!(XdpCounters, redirect),
             offset_of!(XdpCounters, tx),
+            offset_of!(XdpCounters, pass_gso),
+            offset_of!(XdpCounters, gso_redirect),
+            offset_of!(XdpCounters, gso_pass),
+            offset_of!(XdpCounters, gso_drop),
         ];
         for (i, off) in fields.iter().enumerate() {
             assert_eq!(*off, i * 8, "{}", XdpCounters::NAMES[i]);

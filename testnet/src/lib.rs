@@ -89,6 +89,7 @@
 #![warn(missing_docs)]
 
 mod bridge;
+pub mod dp;
 mod error;
 mod link;
 mod node;

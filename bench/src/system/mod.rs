@@ -301,7 +301,22 @@ pub fn run(opts: Options) -> Result<Results, BenchError> {
             note: scenario.note.clone(),
             ..Row::default()
         };
+        let transit_before = scenario
+            .transit_stats
+            .as_ref()
+            .and_then(hypha_testnet::dp::stats);
         measure_system(&scenario, &opts, &mut row);
+        if let (Some(before), Some(after)) = (
+            transit_before,
+            scenario
+                .transit_stats
+                .as_ref()
+                .and_then(hypha_testnet::dp::stats),
+        ) {
+            let summary = setup::transit_summary(&before, &after);
+            eprintln!("hypha-bench:   {summary}");
+            row.note = format!("{}; {summary}", row.note);
+        }
         // A dead tunnel process is worth saying.
         for p in &scenario.tunnel_procs {
             if !p.is_running() {

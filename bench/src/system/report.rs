@@ -84,6 +84,40 @@ fn ratio(v: f64, base: f64) -> String {
     }
 }
 
+/// The XDP-on row of a transit pair and its XDP-off twin (same worker count), if both ran.
+fn xdp_pair(r: &Results) -> Option<(&Row, &Row)> {
+    let on = r.rows.iter().find(|x| x.key.ends_with("-transit-xdp"))?;
+    let off_key = on.key.strip_suffix("-xdp")?;
+    let off = r.rows.iter().find(|x| x.key == off_key)?;
+    Some((on, off))
+}
+
+/// XDP on the transit node vs off, as ratios of the medians (on / off).
+pub fn xdp_ratio_line(r: &Results) -> Option<String> {
+    let (on, off) = xdp_pair(r)?;
+    let (t1, t1o) = (median(&on.tcp1), median(&off.tcp1));
+    let (t4, t4o) = (median(&on.tcp4), median(&off.tcp4));
+    Some(format!(
+        "- XDP on b vs off (transit a–b–c, {} vs {}, same run): TCP 1 stream {} ({} vs {} \
+         Gbit/s), TCP 4 streams {} ({} vs {} Gbit/s), RTT p50 {} vs {} µs, tunnel CPU {} vs {} \
+         s/GB, total CPU {} vs {} s/GB.",
+        on.label,
+        off.label,
+        ratio(t1, t1o),
+        gbit(t1),
+        gbit(t1o),
+        ratio(t4, t4o),
+        gbit(t4),
+        gbit(t4o),
+        num(median(&on.rtt_p50), 0),
+        num(median(&off.rtt_p50), 0),
+        num(median(&on.cpu_tunnel), 2),
+        num(median(&off.cpu_tunnel), 2),
+        num(median(&on.cpu_total), 2),
+        num(median(&off.cpu_total), 2),
+    ))
+}
+
 /// The Markdown text of the report.
 pub fn markdown(r: &Results) -> String {
     let o = &r.options;
@@ -154,6 +188,9 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     let _ = writeln!(s);
+    if let Some(line) = xdp_ratio_line(r) {
+        let _ = writeln!(s, "{line}\n");
+    }
     for sk in &r.skipped {
         let _ = writeln!(s, "- **{}**: not measured — {}", sk.label, sk.reason);
     }
@@ -341,9 +378,16 @@ pub fn svg(r: &Results) -> Result<(), BenchError> {
     let col = |f: fn(&Row) -> &Vec<f64>, scale: f64| -> Vec<f64> {
         r.rows.iter().map(|x| median(f(x)) / scale).collect()
     };
+    let title = match xdp_pair(r) {
+        Some((on, off)) => format!(
+            "Throughput (iperf3 TCP, median; XDP on/off at transit b: {})",
+            ratio(median(&on.tcp1), median(&off.tcp1))
+        ),
+        None => "Throughput (iperf3 TCP, median)".to_owned(),
+    };
     panel(
         &left,
-        "Throughput (iperf3 TCP, median)",
+        &title,
         "Gbit/s",
         &labels,
         &[
@@ -430,7 +474,12 @@ mod tests {
             ..Row::default()
         };
         Results {
-            rows: vec![row("veth", 20e9, 40.0), row("hypha-1w", 5e9, 80.0)],
+            rows: vec![
+                row("veth", 20e9, 40.0),
+                row("hypha-1w", 5e9, 80.0),
+                row("hypha-2w-transit", 2e9, 120.0),
+                row("hypha-2w-transit-xdp", 3e9, 100.0),
+            ],
             skipped: vec![super::super::Skip {
                 label: "boringtun".into(),
                 reason: "`wg` not installed".into(),
@@ -463,6 +512,15 @@ mod tests {
         assert!(line.contains("| 5.00 | 25 % |"), "{line}");
         assert!(line.contains("| 40 |"), "{line}");
         assert!(md.contains("**boringtun**: not measured — `wg` not installed"));
+        // XDP on / off: 3 / 2 Gbit/s.
+        let xdp = md
+            .lines()
+            .find(|l| l.starts_with("- XDP on b vs off"))
+            .unwrap();
+        assert!(
+            xdp.contains("TCP 1 stream 150 % (3.00 vs 2.00 Gbit/s)"),
+            "{xdp}"
+        );
         let svg = std::fs::read_to_string(dir.join("r.svg")).unwrap();
         assert!(svg.contains("<svg"));
         assert!(svg.contains("hypha-1w") && svg.contains("<rect"));

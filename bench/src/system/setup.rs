@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use hypha_testnet::dp::{
+    self, net64, static_config, StaticSession, A as HA, B as HB, C as HC, PORT,
+};
 use hypha_testnet::{wait_until, LinkOpts, Node, ProcHandle, TestNet};
 
 use super::measure::{spawn, CpuGroup};
@@ -94,6 +97,29 @@ pub struct Scenario {
     pub tunnel_group: Option<CpuGroup>,
     /// cpuacct group of the iperf3 processes.
     pub endpoint_group: Option<CpuGroup>,
+    /// A Hypha transit node whose dataplane serves its stats on [`TRANSIT_STATS`]
+    /// ([`dp::stats`] reads them): read before and after the measurements, to show which path (XDP/TC or user space) carried the transit traffic.
+    pub transit_stats: Option<Node>,
+}
+
+/// Where a Hypha transit node's `hypha-dp --stats-listen` answers (inside its namespace).
+pub const TRANSIT_STATS: &str = dp::STATS;
+
+/// Counter deltas of a transit node's stats (`hypha-dp --stats-listen` JSON) between two
+/// readings: how much transit the kernel (XDP frames, TC super-packets) and user space carried.
+pub fn transit_summary(before: &serde_json::Value, after: &serde_json::Value) -> String {
+    let d = |name: &str| {
+        let get = |v: &serde_json::Value| v["counters"][name].as_u64().unwrap_or(0);
+        get(after).saturating_sub(get(before))
+    };
+    format!(
+        "transit node b during the run: XDP redirected {} frames, TC {} GSO super-packets; user \
+         space forwarded {} datagrams (XDP {})",
+        d("xdp_redirect") + d("xdp_tx"),
+        d("xdp_gso_redirect"),
+        d("forwarded"),
+        after["xdp"]["mode"].as_str().unwrap_or("?"),
+    )
 }
 
 /// Why a system was not measured.
@@ -215,6 +241,7 @@ fn veth() -> Result<Scenario, Unavailable> {
         note: "one veth pair, MTU 1500, IPv4".into(),
         tunnel_group,
         endpoint_group,
+        transit_stats: None,
     })
 }
 
@@ -256,6 +283,7 @@ fn veth_routed() -> Result<Scenario, Unavailable> {
         note: "two veth pairs, kernel IPv4 forwarding in b".into(),
         tunnel_group,
         endpoint_group,
+        transit_stats: None,
     })
 }
 
@@ -302,6 +330,7 @@ fn vxlan() -> Result<Scenario, Unavailable> {
         note: "kernel VXLAN (id 42, UDP 4789) over the veth, MTU 1450, no encryption".into(),
         tunnel_group,
         endpoint_group,
+        transit_stats: None,
     })
 }
 
@@ -402,55 +431,8 @@ fn boringtun() -> Result<Scenario, Unavailable> {
         note: "boringtun-cli 0.7 (default 4 threads), configured with wg; MTU 1420".into(),
         tunnel_group,
         endpoint_group,
+        transit_stats: None,
     })
-}
-
-/// Overlay addresses of the Hypha nodes (their /64s are what routes and sessions name).
-const HA: &str = "4aa:1:2:3::1";
-const HB: &str = "5bb:4:5:6::1";
-const HC: &str = "4cc:7:8:9::1";
-const PORT: u16 = 9651;
-
-fn net64(addr: &str) -> String {
-    let a: std::net::Ipv6Addr = addr.parse().unwrap_or(std::net::Ipv6Addr::UNSPECIFIED);
-    let bits = u128::from(a) & !((1u128 << 64) - 1);
-    format!("{}/64", std::net::Ipv6Addr::from(bits))
-}
-
-struct Sess<'a> {
-    peer: &'a str,
-    rx: u32,
-    tx: u32,
-    tx_key: u8,
-    rx_key: u8,
-}
-
-fn hypha_config(
-    addr: &str,
-    peers: &[(u32, SocketAddr)],
-    routes: &[(&str, u32)],
-    sessions: &[Sess<'_>],
-) -> String {
-    let key = |b: u8| format!("{b:02x}").repeat(32);
-    let mut s = format!("address = \"{addr}\"\nport = {PORT}\n");
-    for (id, ep) in peers {
-        s += &format!("[[peers]]\nid = {id}\nendpoint = \"{ep}\"\n");
-    }
-    for (dst, peer) in routes {
-        s += &format!("[[routes]]\nprefix = \"{}\"\npeer = {peer}\n", net64(dst));
-    }
-    for x in sessions {
-        s += &format!(
-            "[[sessions]]\npeer = \"{}\"\nrx_index = {}\ntx_index = {}\ntx_key = \"{}\"\n\
-             rx_key = \"{}\"\ncipher = \"aes-256-gcm\"\n",
-            x.peer,
-            x.rx,
-            x.tx,
-            key(x.tx_key),
-            key(x.rx_key)
-        );
-    }
-    s
 }
 
 /// True if this hypha-dp has the `--xdp` flag.
@@ -474,44 +456,48 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
     let b = net.add_node("b")?;
     let (tunnel_group, endpoint_group) = groups();
     let ep = |ip: Ipv4Addr| SocketAddr::new(IpAddr::V4(ip), PORT);
-    let s_ac = |peer, rx, tx, txk, rxk| Sess {
+    let s_ac = |peer, rx_index, tx_index, tx, rx| StaticSession {
         peer,
-        rx,
-        tx,
-        tx_key: txk,
-        rx_key: rxk,
+        rx_index,
+        tx_index,
+        tx_key: dp::key(tx),
+        rx_key: dp::key(rx),
     };
+    let (na, nb, nc) = (net64(HA), net64(HB), net64(HC));
     let mut configs: Vec<(Node, String, bool)> = Vec::new();
     let (server, dst_addr) = if transit {
         let c = net.add_node("c")?;
+        // bpf_fib_lookup forwards only with IP forwarding on; on in both transit rows, so the
+        // XDP row differs from the others in `--xdp` alone.
+        b.enable_forwarding()?;
         let ab = net.link(&a, &b, LinkOpts::default())?;
         let bc = net.link(&b, &c, LinkOpts::default())?;
         configs.push((
             a.clone(),
-            hypha_config(
+            static_config(
                 HA,
                 &[(1, ep(ab.b().ipv4()))],
-                &[(HC, 1), (HB, 1)],
+                &[(&nc, 1), (&nb, 1)],
                 &[s_ac(HC, 7, 9, 0x33, 0x44)],
             ),
             false,
         ));
         configs.push((
             b.clone(),
-            hypha_config(
+            static_config(
                 HB,
                 &[(1, ep(ab.a().ipv4())), (2, ep(bc.b().ipv4()))],
-                &[(HA, 1), (HC, 2)],
+                &[(&na, 1), (&nc, 2)],
                 &[],
             ),
             xdp,
         ));
         configs.push((
             c.clone(),
-            hypha_config(
+            static_config(
                 HC,
                 &[(1, ep(bc.a().ipv4()))],
-                &[(HA, 1)],
+                &[(&na, 1)],
                 &[s_ac(HA, 9, 7, 0x44, 0x33)],
             ),
             false,
@@ -521,20 +507,20 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
         let ab = net.link(&a, &b, LinkOpts::default())?;
         configs.push((
             a.clone(),
-            hypha_config(
+            static_config(
                 HA,
                 &[(1, ep(ab.b().ipv4()))],
-                &[(HB, 1)],
+                &[(&nb, 1)],
                 &[s_ac(HB, 100, 200, 0x11, 0x22)],
             ),
             false,
         ));
         configs.push((
             b.clone(),
-            hypha_config(
+            static_config(
                 HB,
                 &[(1, ep(ab.a().ipv4()))],
-                &[(HA, 1)],
+                &[(&na, 1)],
                 &[s_ac(HA, 200, 100, 0x22, 0x11)],
             ),
             false,
@@ -553,8 +539,12 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
             "--workers".into(),
             workers.to_string(),
         ];
-        if *with_xdp {
-            args.push("--xdp".into());
+        // hypha-dp's default is `--xdp auto`: the rows without XDP say `off`.
+        args.push("--xdp".into());
+        args.push(if *with_xdp { "auto" } else { "off" }.into());
+        if transit && node.name() == "b" {
+            args.push("--stats-listen".into());
+            args.push(TRANSIT_STATS.into());
         }
         let p = spawn(
             node,
@@ -586,13 +576,18 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
         note: format!(
             "hypha-dp --static-config (no control plane), {workers} worker(s) per node, \
              AES-256-GCM, TUN MTU 1380, IPv6 overlay over IPv4 underlay{}",
-            if transit {
-                ", b forwards without decrypting"
-            } else {
-                ""
+            match (transit, xdp) {
+                (true, true) => {
+                    ", b forwards without decrypting, in the kernel: `--xdp auto` on b (generic \
+                     XDP on veth, plus the TC ingress program for GSO super-packets), IP \
+                     forwarding on"
+                }
+                (true, false) => ", b forwards without decrypting, `--xdp off`, IP forwarding on",
+                _ => "",
             }
         ),
         tunnel_group,
         endpoint_group,
+        transit_stats: transit.then_some(b),
     })
 }

@@ -701,9 +701,11 @@ impl Underlay for ShmUnderlay {
         let Some(v) = snap else {
             return;
         };
+        xdp_stats(&v, out);
         if let Some(counters) = v.get("counters").and_then(|c| c.as_object()) {
             let g = out.entry("dataplane".into()).or_default();
-            for (k, val) in counters {
+            // The XDP counters (`xdp_` names) go to the `xdp` group instead.
+            for (k, val) in counters.iter().filter(|(k, _)| !k.starts_with("xdp_")) {
                 if let Some(n) = val.as_u64() {
                     g.insert(k.clone(), n);
                 }
@@ -762,5 +764,97 @@ impl Underlay for ShmUnderlay {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+/// The dataplane's `xdp` object (hand-over stats) as counter groups: `xdp` with every XDP/TC
+/// counter (summed over CPUs, names without the `xdp_` prefix), `loaded`, `mode_<mode>` = 1
+/// (`off`, `generic`, `driver`, `mixed` or `unattached`), `interfaces`, `interfaces_generic`,
+/// `interfaces_driver`, `transit_entries`, `allowed_peers`; and one `xdp_iface_<name>` group per
+/// attached interface with `generic` or `driver` = 1.
+fn xdp_stats(v: &serde_json::Value, out: &mut Stats) {
+    let Some(x) = v.get("xdp").and_then(|x| x.as_object()) else {
+        return;
+    };
+    let mut g = BTreeMap::new();
+    let loaded = x.get("loaded").and_then(|l| l.as_bool()).unwrap_or(false);
+    g.insert("loaded".to_owned(), u64::from(loaded));
+    if let Some(mode) = x.get("mode").and_then(|m| m.as_str()) {
+        if mode.len() <= 32 && mode.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            g.insert(format!("mode_{mode}"), 1);
+        }
+    }
+    if let Some(c) = x.get("counters").and_then(|c| c.as_object()) {
+        for (k, val) in c {
+            if let Some(n) = val.as_u64() {
+                g.insert(k.strip_prefix("xdp_").unwrap_or(k).to_owned(), n);
+            }
+        }
+    }
+    for k in ["transit_entries", "allowed_peers"] {
+        if let Some(n) = x.get(k).and_then(|n| n.as_u64()) {
+            g.insert(k.to_owned(), n);
+        }
+    }
+    let (mut generic, mut driver) = (0u64, 0u64);
+    if let Some(ifaces) = x.get("interfaces").and_then(|i| i.as_object()) {
+        for (name, mode) in ifaces {
+            let mode = mode.as_str().unwrap_or_default();
+            match mode {
+                "generic" => generic += 1,
+                "driver" => driver += 1,
+                _ => continue,
+            }
+            let ig = out.entry(format!("xdp_iface_{name}")).or_default();
+            ig.insert(mode.to_owned(), 1);
+        }
+    }
+    g.insert("interfaces".to_owned(), generic + driver);
+    g.insert("interfaces_generic".to_owned(), generic);
+    g.insert("interfaces_driver".to_owned(), driver);
+    out.insert("xdp".to_owned(), g);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xdp_object_becomes_counter_groups() {
+        let v = serde_json::json!({
+            "counters": {"forwarded": 3, "xdp_redirect": 7},
+            "xdp": {
+                "loaded": true,
+                "mode": "generic",
+                "interfaces": {"veth0": "generic", "eth1": "driver", "odd": 5},
+                "transit_entries": 2,
+                "allowed_peers": 1,
+                "counters": {"xdp_redirect": 7, "xdp_drop_unknown_peer": 4, "xdp_bad": "x"},
+            },
+        });
+        let mut out = Stats::new();
+        xdp_stats(&v, &mut out);
+        let x = &out["xdp"];
+        assert_eq!(x["loaded"], 1);
+        assert_eq!(x["mode_generic"], 1);
+        assert_eq!(x["redirect"], 7);
+        assert_eq!(x["drop_unknown_peer"], 4);
+        assert!(!x.contains_key("bad"));
+        assert_eq!(x["interfaces"], 2);
+        assert_eq!(x["interfaces_generic"], 1);
+        assert_eq!(x["interfaces_driver"], 1);
+        assert_eq!(x["transit_entries"], 2);
+        assert_eq!(out["xdp_iface_veth0"]["generic"], 1);
+        assert_eq!(out["xdp_iface_eth1"]["driver"], 1);
+        assert!(!out.contains_key("xdp_iface_odd"));
+
+        let mut off = Stats::new();
+        xdp_stats(
+            &serde_json::json!({"xdp": {"loaded": false, "mode": "off", "interfaces": {}}}),
+            &mut off,
+        );
+        assert_eq!(off["xdp"]["loaded"], 0);
+        assert_eq!(off["xdp"]["mode_off"], 1);
+        assert_eq!(off["xdp"]["interfaces"], 0);
     }
 }
