@@ -48,8 +48,15 @@ pub const WAIT: Duration = Duration::from_millis(100);
 const RING_ENTRIES: u32 = 1024;
 /// Buffers kept in the provided-buffer ring for the multishot receive.
 const PROVIDED: u16 = 128;
-/// Reads kept in flight on the TUN queue.
-const TUN_READS: usize = 64;
+/// Reads kept in flight on the TUN queue: one. A TUN queue has no `FMODE_NOWAIT`, so io_uring
+/// waits for it with an internal poll on the queue's wait queue; every packet wakes every armed
+/// read, all but one find nothing, and a read that loses 128 times in a row (`APOLL_MAX_RETRY`)
+/// is handed to an io-wq thread that blocks in `tun_do_read` — with 64 reads in flight the worker
+/// grew a herd of `iou-wrk` threads that were all woken per packet (bench/RESULTS.md, "Profile
+/// and fix"). One read never loses: it completes inline at submit when the queue holds a packet,
+/// else on the poll wakeup, in the worker's own context. A TSO read carries up to 64 KiB, so one
+/// read per loop iteration is not the limit.
+const TUN_READS: usize = 1;
 /// Send/write slots (each holds a `msghdr` for one in-flight send or write). One GRO receive
 /// can turn into ~45 TUN writes, so there are many more slots than send buffers.
 const SLOTS: usize = 2048;
