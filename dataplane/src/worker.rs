@@ -479,8 +479,10 @@ impl Worker {
     /// each written and sealed in its own datagram slot of a send buffer, and sends the slots
     /// with UDP GSO: one TUN read and one send for ~45 packets.
     fn segment_and_send(&mut self, t: &Tables<'_>, buf: PacketBuf, hdr: &vnet::VnetHdr) {
+        // TCP segments leave with the partial checksum: the receiving dataplane hands them to
+        // its TUN with NEEDS_CSUM (`write_to_tun`), so summing every payload here is wasted.
         let (Ok(mut sup), Some((src, dst))) = (
-            vnet::Segments::new(hdr, buf.data()),
+            vnet::Segments::new(hdr, buf.data()).map(vnet::Segments::partial_tcp_checksum),
             crate::icmp::ipv6_addrs(buf.data()),
         ) else {
             self.count(Counter::dropped_malformed);
@@ -892,11 +894,28 @@ impl Worker {
                     break;
                 };
                 let vstart = start - VNET_HDR_LEN;
-                let Some(v) = buf.data_mut().get_mut(vstart..start) else {
+                let Some(pkt) = buf.data_mut().get_mut(vstart..start + len) else {
                     continue;
                 };
-                v.fill(0);
-                v[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+                let (v, pkt) = pkt.split_at_mut(VNET_HDR_LEN);
+                // TCP goes with a partial checksum and NEEDS_CSUM (senders leave it partial,
+                // `segment_and_send`); anything else was authenticated, its checksum known good.
+                let hdr = if vnet::set_partial_tcp_checksum(pkt) {
+                    vnet::VnetHdr {
+                        flags: vnet::F_NEEDS_CSUM,
+                        csum_start: vnet::TCP_CSUM_START,
+                        csum_offset: vnet::TCP_CSUM_OFFSET,
+                        ..vnet::VnetHdr::default()
+                    }
+                } else {
+                    vnet::VnetHdr {
+                        flags: VIRTIO_NET_HDR_F_DATA_VALID,
+                        ..vnet::VnetHdr::default()
+                    }
+                };
+                if hdr.emit(v).is_err() {
+                    continue;
+                }
                 let ptr = buf.data()[vstart..].as_ptr();
                 if !self.submit_slot(Op::TunWrite, fd, index, ptr, len + VNET_HDR_LEN, None) {
                     self.count(Counter::dropped_backpressure);
