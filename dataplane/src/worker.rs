@@ -125,12 +125,32 @@ struct Slot {
     /// A `UDP_SEGMENT` control message (CMSG_SPACE(2) = 24 bytes, 8-aligned).
     control: [u64; 3],
     buf: u32,
+    /// The iovec set a gathered TUN write uses ([`NO_IOV_SET`]: none).
+    iov_set: u32,
 }
+
+/// [`Slot::iov_set`] of a slot without one.
+const NO_IOV_SET: u32 = u32::MAX;
+/// iovec sets for gathered TUN writes (one per coalesced super-packet in flight). TUN writes
+/// complete at submission, so few are ever in flight; without a free set the run is copied.
+const IOV_SETS: usize = 64;
+/// One iovec set: the head (virtio header and first segment), then one payload per segment.
+type IovSet = [libc::iovec; gso::MAX_COALESCED_SEGMENTS];
 
 /// Datagrams per GSO send at most (the kernel's UDP_MAX_SEGMENTS is at least 64).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Bytes per GSO send at most (one UDP datagram's worth, less headers).
 const GSO_MAX_BYTES: usize = 65_000;
+
+/// What [`Worker::write_run_gathered`] did.
+enum Gathered {
+    /// The write is in flight.
+    Submitted,
+    /// Nothing was touched (no free slot or iovec set): copy the run instead.
+    NotTried,
+    /// The run's head was rewritten but the write could not be submitted: drop the run.
+    Failed,
+}
 
 /// Transit datagrams of one received buffer going to one next hop, back to back.
 struct FwdBatch {
@@ -176,6 +196,8 @@ struct Worker {
     buf_ring: BufRing,
     slots: Box<[Slot]>,
     free_slots: Vec<u32>,
+    iov_sets: Box<[IovSet]>,
+    free_iov_sets: Vec<u32>,
     recv_msg: Box<libc::msghdr>,
     inflight: Vec<Option<PacketBuf>>,
     refs: Vec<u32>,
@@ -221,6 +243,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
             ))),
             control: [0; 3],
             buf: 0,
+            iov_set: NO_IOV_SET,
         })
         .collect::<Vec<_>>()
         .into_boxed_slice();
@@ -236,6 +259,16 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
         buf_ring,
         slots,
         free_slots: (0..SLOTS as u32).rev().collect(),
+        iov_sets: (0..IOV_SETS)
+            .map(|_| {
+                [libc::iovec {
+                    iov_base: core::ptr::null_mut(),
+                    iov_len: 0,
+                }; gso::MAX_COALESCED_SEGMENTS]
+            })
+            .collect::<Vec<_>>()
+            .into_boxed_slice(),
+        free_iov_sets: (0..IOV_SETS as u32).rev().collect(),
         recv_msg,
         inflight: (0..POOL_BUFFERS).map(|_| None).collect(),
         refs: vec![0; POOL_BUFFERS],
@@ -337,6 +370,7 @@ impl Worker {
             std::mem::forget(std::mem::take(&mut self.inflight));
             let slots = std::mem::take(&mut self.slots);
             std::mem::forget(slots);
+            std::mem::forget(std::mem::take(&mut self.iov_sets));
         }
     }
 
@@ -444,6 +478,12 @@ impl Worker {
             return;
         };
         let b = slot.buf;
+        if slot.iov_set != NO_IOV_SET {
+            self.free_iov_sets.push(slot.iov_set);
+            if let Some(slot) = self.slots.get_mut(s as usize) {
+                slot.iov_set = NO_IOV_SET;
+            }
+        }
         self.free_slots.push(s);
         if let Some(r) = self.refs.get_mut(b as usize) {
             *r = r.saturating_sub(1);
@@ -876,6 +916,26 @@ impl Worker {
                 }
             }
             if let Some(r) = run.filter(|r| r.count() >= 2) {
+                match self.write_run_gathered(fd, buf, &r, list.get(i..j).unwrap_or(&[])) {
+                    Gathered::Submitted => {
+                        self.counters().add(Counter::coalesced, r.count() as u64);
+                        i = j;
+                        continue;
+                    }
+                    Gathered::Failed => {
+                        self.counters()
+                            .add(Counter::dropped_backpressure, r.count() as u64);
+                        i = j;
+                        continue;
+                    }
+                    Gathered::NotTried => {}
+                }
+                let data = buf.data();
+                let pkt = |k: usize| -> &[u8] {
+                    list.get(k)
+                        .and_then(|(s, l)| data.get(*s..*s + *l))
+                        .unwrap_or(&[])
+                };
                 if let Some(mut out) = self.pool.alloc() {
                     out.reset(0);
                     let n = r.write((i..j).map(pkt), out.read_target());
@@ -925,6 +985,90 @@ impl Worker {
         }
         self.to_tun = list;
         self.to_tun.clear();
+    }
+
+    /// Writes a coalesced run (`segs`: offsets and lengths of its segments in `buf`) to the TUN
+    /// as one gathered write: the first segment becomes the super-packet's head in place (virtio
+    /// header in the bytes its data header used), the others contribute their payloads where
+    /// they lie — no copy in user space. [`Gathered::NotTried`] (nothing touched) if no iovec
+    /// set or slot is free: the caller copies the run instead.
+    fn write_run_gathered(
+        &mut self,
+        fd: RawFd,
+        buf: &mut PacketBuf,
+        run: &gso::TcpRun,
+        segs: &[(usize, usize)],
+    ) -> Gathered {
+        let (Some(&(first, first_len)), Some(&(last, last_len))) = (segs.first(), segs.last())
+        else {
+            return Gathered::NotTried;
+        };
+        let data_len = buf.data().len();
+        let in_bounds = segs
+            .iter()
+            .all(|&(s, l)| l >= run.hdr_len() && s + l <= data_len);
+        if segs.len() > gso::MAX_COALESCED_SEGMENTS || first < VNET_HDR_LEN || !in_bounds {
+            return Gathered::NotTried;
+        }
+        let Some(last_flags) = buf
+            .data()
+            .get(last..last + last_len)
+            .and_then(gso::TcpRun::flags_of)
+        else {
+            return Gathered::NotTried;
+        };
+        if self.free_slots.is_empty() || self.free_iov_sets.is_empty() {
+            return Gathered::NotTried;
+        }
+        let head_start = first - VNET_HDR_LEN;
+        let prepared = buf
+            .data_mut()
+            .get_mut(head_start..first + first_len)
+            .and_then(|head| run.write_head(head, last_flags));
+        if prepared.is_none() {
+            return Gathered::NotTried;
+        }
+        // From here on the first segment's headers are the super-packet's.
+        let (Some(s), Some(set)) = (self.free_slots.pop(), self.free_iov_sets.pop()) else {
+            return Gathered::Failed;
+        };
+        let Some(iovs) = self.iov_sets.get_mut(set as usize) else {
+            self.free_slots.push(s);
+            self.free_iov_sets.push(set);
+            return Gathered::Failed;
+        };
+        let data = buf.data();
+        let hdr_len = run.hdr_len();
+        for (k, (iov, &(start, len))) in iovs.iter_mut().zip(segs).enumerate() {
+            let from = if k == 0 { head_start } else { start + hdr_len };
+            let piece = data.get(from..start + len).unwrap_or(&[]);
+            *iov = libc::iovec {
+                iov_base: piece.as_ptr().cast_mut().cast(),
+                iov_len: piece.len(),
+            };
+        }
+        let iov_ptr = iovs.as_ptr();
+        // SAFETY: the iovec set lives in `self.iov_sets`, a boxed slice that never moves, and
+        // is not reused before this write's completion (`slot_done` frees it); the bytes lie in
+        // pool buffer `buf`, whose reference count we raise below, so it stays in `inflight`
+        // until the completion.
+        let pushed = unsafe {
+            self.ring
+                .writev(fd, iov_ptr, segs.len() as u32, ring::pack(Op::TunWrite, s))
+        };
+        if pushed.is_err() {
+            self.free_slots.push(s);
+            self.free_iov_sets.push(set);
+            return Gathered::Failed;
+        }
+        if let Some(slot) = self.slots.get_mut(s as usize) {
+            slot.buf = buf.index();
+            slot.iov_set = set;
+        }
+        if let Some(r) = self.refs.get_mut(buf.index() as usize) {
+            *r += 1;
+        }
+        Gathered::Submitted
     }
 
     /// After a handler submitted operations on `buf`: keep it until they complete, or free it.
