@@ -3,7 +3,8 @@
 //!
 //! The loop: submit and wait for completions (at most [`WAIT`]), load the published tables once,
 //! handle the batch of completions, flush packets that were waiting for a session, then refill:
-//! provided buffers for the multishot UDP receive, reads on the TUN queue.
+//! provided buffers for the multishot UDP receive, the read on the TUN queue. Everything queued
+//! in an iteration is submitted by the next iteration's wait: one `io_uring_enter` per turn.
 //!
 //! Buffer accounting (STYLE.md, dataplane): every pool index is in exactly one place — the pool's
 //! free list, `inflight` (owned by the kernel: a TUN read, a provided buffer, or the target of
@@ -1257,7 +1258,7 @@ impl Worker {
                 self.tun_reads += 1;
             }
         }
-        self.ring.submit()?;
+        // No submit here: the loop's next `submit_and_wait` submits and waits in one syscall.
         Ok(())
     }
 }
