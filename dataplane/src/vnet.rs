@@ -6,7 +6,9 @@
 //! transport checksum left partial (`VIRTIO_NET_HDR_F_NEEDS_CSUM`). The overlay carries
 //! MTU-sized packets, so the worker cuts it into segments of `gso_size` payload bytes, each a
 //! complete IPv6 packet with its own length, TCP sequence number or UDP length, and a full
-//! checksum (RFC 8200 §8.1 pseudo-header), the same result the kernel's GSO would have produced.
+//! checksum (RFC 8200 §8.1 pseudo-header), the same result the kernel's GSO would have produced
+//! — or, for TCP with [`Segments::partial_tcp_checksum`] (what the worker uses), the partial
+//! checksum that TSO output carries, left for the receiving TUN to complete.
 //! Every segment is written straight into a caller buffer (a pool buffer's data area), so
 //! segmentation allocates nothing.
 //!
