@@ -178,6 +178,30 @@ fn coalescing(c: &mut Criterion) {
             )
         })
     });
+    // The worker's path: the headers rewritten in place, the payloads gathered by the kernel
+    // (`writev`); here only the user-space part, the head and the iovec list.
+    let mut iov: Vec<(usize, usize)> = Vec::with_capacity(segs.len());
+    let mut head = vec![0u8; 10 + segs.first().map_or(0, Vec::len)];
+    group.bench_function("coalesce_45x1300_gathered", |bench| {
+        bench.iter(|| {
+            let Some(first) = segs.first() else { return 0 };
+            let Some(mut run) = TcpRun::start(first) else {
+                return 0;
+            };
+            for s in &segs[1..] {
+                run.try_push(first, s);
+            }
+            head[10..].copy_from_slice(first);
+            let last = segs.last().and_then(|s| TcpRun::flags_of(s)).unwrap_or(0);
+            iov.clear();
+            iov.push((0, head.len()));
+            for s in &segs[1..] {
+                iov.push((run.hdr_len(), s.len()));
+            }
+            black_box(run.write_head(&mut head, last));
+            black_box(iov.len())
+        })
+    });
     group.finish();
 }
 

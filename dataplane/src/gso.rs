@@ -139,12 +139,40 @@ impl TcpRun {
                 .copy_from_slice(payload);
             pos += payload.len();
         }
-        let total = pos - vnet;
-        let pkt = out.get_mut(vnet..pos)?;
-        let plen = u16::try_from(total - IPV6_HEADER_LEN).ok()?;
+        self.head(out.get_mut(..vnet + self.hdr_len)?, pos - vnet, last_flags)?;
+        Some(pos)
+    }
+
+    /// For a gathered write (`writev`) that copies nothing in user space: turns the run's first
+    /// segment, with [`crate::tun::VNET_HDR_LEN`] bytes of room in front (`head`: room, then
+    /// the whole first segment), into the virtio header and headers of the super-packet, so that
+    /// `head` followed by every later segment's payload (the bytes after its [`TcpRun::hdr_len`])
+    /// is what [`TcpRun::write`] would produce. `last_flags` is the last segment's TCP flags
+    /// byte ([`TcpRun::flags_of`]).
+    pub fn write_head(&self, head: &mut [u8], last_flags: u8) -> Option<()> {
+        let vnet = crate::tun::VNET_HDR_LEN;
+        self.head(head.get_mut(..vnet + self.hdr_len)?, self.bytes, last_flags)
+    }
+
+    /// The TCP flags byte of a segment of the run.
+    pub fn flags_of(segment: &[u8]) -> Option<u8> {
+        segment.get(IPV6_HEADER_LEN + 13).copied()
+    }
+
+    /// Length of the IPv6 and TCP headers every segment of the run starts with.
+    pub fn hdr_len(&self) -> usize {
+        self.hdr_len
+    }
+
+    /// Fills in the virtio header and patches the copied headers (`out`: virtio header, then
+    /// the first segment's headers) for a super-packet of `total` bytes.
+    fn head(&self, out: &mut [u8], total: usize, last_flags: u8) -> Option<()> {
+        let vnet = crate::tun::VNET_HDR_LEN;
+        let pkt = out.get_mut(vnet..vnet + self.hdr_len)?;
+        let plen = u16::try_from(total.checked_sub(IPV6_HEADER_LEN)?).ok()?;
         pkt.get_mut(4..6)?.copy_from_slice(&plen.to_be_bytes());
         *pkt.get_mut(IPV6_HEADER_LEN + 13)? = last_flags;
-        let tcp_len = (total - IPV6_HEADER_LEN) as u64;
+        let tcp_len = u64::from(plen);
         let pseudo = sum_bytes(tcp_len + 6, pkt.get(8..40)?);
         pkt.get_mut(IPV6_HEADER_LEN + 16..IPV6_HEADER_LEN + 18)?
             .copy_from_slice(&fold(pseudo).to_be_bytes());
@@ -155,7 +183,7 @@ impl TcpRun {
         hdr[4..6].copy_from_slice(&(self.mss as u16).to_le_bytes());
         hdr[6..8].copy_from_slice(&(IPV6_HEADER_LEN as u16).to_le_bytes());
         hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
-        Some(pos)
+        Some(())
     }
 }
 
@@ -232,6 +260,28 @@ mod tests {
         // Segmenting the result again gives the same segments: the round trip is exact.
         let again = segments(&out[10..n], 1200);
         assert_eq!(again, segs);
+    }
+
+    #[test]
+    fn gathered_write_equals_the_copied_one() {
+        let p = tcp_super(5000, 0x10 | TCP_PSH);
+        let segs = segments(&p, 1300);
+        let mut run = TcpRun::start(&segs[0]).unwrap();
+        for s in &segs[1..] {
+            assert!(run.try_push(&segs[0], s));
+        }
+        let mut copied = vec![0xa5u8; 6000];
+        let n = run.write(segs.iter().map(|v| &v[..]), &mut copied).unwrap();
+        let mut head = vec![0xa5u8; 10];
+        head.extend_from_slice(&segs[0]);
+        let last = TcpRun::flags_of(segs.last().unwrap()).unwrap();
+        run.write_head(&mut head, last).unwrap();
+        let mut gathered = head;
+        for s in &segs[1..] {
+            gathered.extend_from_slice(&s[run.hdr_len()..]);
+        }
+        assert_eq!(gathered, &copied[..n]);
+        assert!(run.write_head(&mut [0u8; 20], last).is_none());
     }
 
     #[test]

@@ -166,6 +166,25 @@ impl Ring {
         unsafe { self.push(&e) }
     }
 
+    /// Writes the `count` buffers the iovecs at `iov` describe to `fd`, as one write.
+    ///
+    /// # Safety
+    /// The iovec array and every buffer it points to must stay valid until the completion is
+    /// reaped.
+    pub unsafe fn writev(
+        &mut self,
+        fd: RawFd,
+        iov: *const libc::iovec,
+        count: u32,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let e = opcode::Writev::new(Fd(fd), iov, count)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the caller keeps the iovecs and buffers alive (module ownership rule).
+        unsafe { self.push(&e) }
+    }
+
     /// `sendmsg(fd, msg)`.
     ///
     /// # Safety

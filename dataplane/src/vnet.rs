@@ -6,7 +6,9 @@
 //! transport checksum left partial (`VIRTIO_NET_HDR_F_NEEDS_CSUM`). The overlay carries
 //! MTU-sized packets, so the worker cuts it into segments of `gso_size` payload bytes, each a
 //! complete IPv6 packet with its own length, TCP sequence number or UDP length, and a full
-//! checksum (RFC 8200 §8.1 pseudo-header), the same result the kernel's GSO would have produced.
+//! checksum (RFC 8200 §8.1 pseudo-header), the same result the kernel's GSO would have produced
+//! — or, for TCP with [`Segments::partial_tcp_checksum`] (what the worker uses), the partial
+//! checksum that TSO output carries, left for the receiving TUN to complete.
 //! Every segment is written straight into a caller buffer (a pool buffer's data area), so
 //! segmentation allocates nothing.
 //!
@@ -247,6 +249,35 @@ pub fn verify_checksum(packet: &[u8]) -> bool {
     }
 }
 
+/// `csum_start` and `csum_offset` of a TCP/IPv6 packet without extension headers.
+pub const TCP_CSUM_START: u16 = IPV6_HDR as u16;
+/// See [`TCP_CSUM_START`].
+pub const TCP_CSUM_OFFSET: u16 = 16;
+
+/// If `packet` is TCP over IPv6 without extension headers, overwrites its checksum field with
+/// the partial checksum (the folded pseudo-header sum, not complemented) and returns true: the
+/// packet can then go to the TUN with `F_NEEDS_CSUM`, `csum_start` [`TCP_CSUM_START`] and
+/// `csum_offset` [`TCP_CSUM_OFFSET`], whatever the field held before (a full checksum, or the
+/// partial one [`Segments::partial_tcp_checksum`] leaves). The kernel completes it only if the
+/// packet leaves the host; local delivery trusts it.
+pub fn set_partial_tcp_checksum(packet: &mut [u8]) -> bool {
+    let Ok((NEXT_TCP, upper_len)) = split_ipv6(packet) else {
+        return false;
+    };
+    if upper_len < TCP_MIN {
+        return false;
+    }
+    let partial = fold(pseudo_sum(packet, NEXT_TCP, upper_len));
+    let field = IPV6_HDR + usize::from(TCP_CSUM_OFFSET);
+    match packet.get_mut(field..field + 2) {
+        Some(f) => {
+            f.copy_from_slice(&partial.to_be_bytes());
+            true
+        }
+        None => false,
+    }
+}
+
 /// Cuts a TCP/IPv6 or UDP/IPv6 super-packet into MTU-sized packets, one at a time.
 #[derive(Debug)]
 pub struct Segments<'a> {
@@ -258,6 +289,8 @@ pub struct Segments<'a> {
     ecn: bool,
     offset: usize,
     index: u32,
+    /// TCP segments get the partial checksum (pseudo-header sum) instead of the full one.
+    partial_tcp: bool,
 }
 
 impl<'a> Segments<'a> {
@@ -301,7 +334,18 @@ impl<'a> Segments<'a> {
             ecn: hdr.gso_type & GSO_ECN != 0,
             offset: 0,
             index: 0,
+            partial_tcp: false,
         })
+    }
+
+    /// Leaves each TCP segment's checksum partial (the pseudo-header sum, as TSO output is)
+    /// instead of summing its payload: for segments whose receiver completes or skips the
+    /// checksum — the dataplane's receiver writes every decrypted TCP packet to its TUN with
+    /// `F_NEEDS_CSUM` ([`set_partial_tcp_checksum`]), and the AEAD tag already protects the bytes.
+    /// UDP segments keep their full checksum.
+    pub fn partial_tcp_checksum(mut self) -> Self {
+        self.partial_tcp = true;
+        self
     }
 
     fn payload_len(&self) -> usize {
@@ -365,15 +409,19 @@ impl<'a> Segments<'a> {
                 u + 6
             }
         };
-        headers[csum_field..csum_field + 2].copy_from_slice(&[0, 0]);
-        let sum = pseudo_sum(headers, self.next_header, upper_len);
-        let sum = sum_bytes(sum, &headers[IPV6_HDR..]);
-        let sum = sum_bytes(sum, data);
-        let mut csum = !fold(sum);
-        if csum == 0 && self.next_header == NEXT_UDP {
-            csum = 0xffff;
+        let pseudo = pseudo_sum(headers, self.next_header, upper_len);
+        if self.partial_tcp && self.next_header == NEXT_TCP {
+            headers[csum_field..csum_field + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
+        } else {
+            headers[csum_field..csum_field + 2].copy_from_slice(&[0, 0]);
+            let sum = sum_bytes(pseudo, &headers[IPV6_HDR..]);
+            let sum = sum_bytes(sum, data);
+            let mut csum = !fold(sum);
+            if csum == 0 && self.next_header == NEXT_UDP {
+                csum = 0xffff;
+            }
+            headers[csum_field..csum_field + 2].copy_from_slice(&csum.to_be_bytes());
         }
-        headers[csum_field..csum_field + 2].copy_from_slice(&csum.to_be_bytes());
 
         self.offset += chunk;
         self.index += 1;
@@ -509,6 +557,46 @@ mod tests {
         }
         assert_eq!(joined, payload);
         assert_eq!(segs[3].len(), IPV6_HDR + 32 + 5000 - 3 * 1388);
+    }
+
+    #[test]
+    fn partial_tcp_segments_complete_to_the_full_ones() {
+        let payload: Vec<u8> = (0..4000u32).map(|i| (i * 13) as u8).collect();
+        let p = tcp_super(&payload, 77, 0x10 | TCP_PSH, 12);
+        let h = hdr(GSO_TCPV6, 1300, IPV6_HDR + 32);
+        let full = segments(&h, &p);
+        let mut s = Segments::new(&h, &p).unwrap().partial_tcp_checksum();
+        let mut buf = vec![0xa5u8; s.max_segment_len()];
+        let mut i = 0;
+        while let Some(r) = s.next_into(&mut buf) {
+            let seg = &mut buf[..r.unwrap()];
+            assert_eq!(seg.len(), full[i].len());
+            // Everything but the checksum field matches; the field is the pseudo-header sum.
+            assert_eq!(&seg[..56], &full[i][..56]);
+            assert_eq!(&seg[58..], &full[i][58..]);
+            let mut again = seg.to_vec();
+            assert!(set_partial_tcp_checksum(&mut again));
+            assert_eq!(again, seg, "already partial");
+            // Completing it as the kernel would (NEEDS_CSUM) gives the full checksum.
+            let vh = VnetHdr {
+                flags: F_NEEDS_CSUM,
+                csum_start: TCP_CSUM_START,
+                csum_offset: TCP_CSUM_OFFSET,
+                ..VnetHdr::default()
+            };
+            complete_checksum(&vh, seg).unwrap();
+            assert_eq!(seg, &full[i][..]);
+            // And a full one turns partial again.
+            let mut f = full[i].clone();
+            assert!(set_partial_tcp_checksum(&mut f));
+            complete_checksum(&vh, &mut f).unwrap();
+            assert_eq!(f, full[i]);
+            i += 1;
+        }
+        assert_eq!(i, full.len());
+        let mut udp = udp_super(&payload[..100]);
+        assert!(!set_partial_tcp_checksum(&mut udp));
+        assert!(!set_partial_tcp_checksum(&mut [0u8; 10]));
     }
 
     #[test]

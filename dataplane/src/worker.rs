@@ -3,7 +3,8 @@
 //!
 //! The loop: submit and wait for completions (at most [`WAIT`]), load the published tables once,
 //! handle the batch of completions, flush packets that were waiting for a session, then refill:
-//! provided buffers for the multishot UDP receive, reads on the TUN queue.
+//! provided buffers for the multishot UDP receive, the read on the TUN queue. Everything queued
+//! in an iteration is submitted by the next iteration's wait: one `io_uring_enter` per turn.
 //!
 //! Buffer accounting (STYLE.md, dataplane): every pool index is in exactly one place — the pool's
 //! free list, `inflight` (owned by the kernel: a TUN read, a provided buffer, or the target of
@@ -48,8 +49,15 @@ pub const WAIT: Duration = Duration::from_millis(100);
 const RING_ENTRIES: u32 = 1024;
 /// Buffers kept in the provided-buffer ring for the multishot receive.
 const PROVIDED: u16 = 128;
-/// Reads kept in flight on the TUN queue.
-const TUN_READS: usize = 64;
+/// Reads kept in flight on the TUN queue: one. A TUN queue has no `FMODE_NOWAIT`, so io_uring
+/// waits for it with an internal poll on the queue's wait queue; every packet wakes every armed
+/// read, all but one find nothing, and a read that loses 128 times in a row (`APOLL_MAX_RETRY`)
+/// is handed to an io-wq thread that blocks in `tun_do_read` — with 64 reads in flight the worker
+/// grew a herd of `iou-wrk` threads that were all woken per packet (bench/RESULTS.md, "Profile
+/// and fix"). One read never loses: it completes inline at submit when the queue holds a packet,
+/// else on the poll wakeup, in the worker's own context. A TSO read carries up to 64 KiB, so one
+/// read per loop iteration is not the limit.
+const TUN_READS: usize = 1;
 /// Send/write slots (each holds a `msghdr` for one in-flight send or write). One GRO receive
 /// can turn into ~45 TUN writes, so there are many more slots than send buffers.
 const SLOTS: usize = 2048;
@@ -118,12 +126,32 @@ struct Slot {
     /// A `UDP_SEGMENT` control message (CMSG_SPACE(2) = 24 bytes, 8-aligned).
     control: [u64; 3],
     buf: u32,
+    /// The iovec set a gathered TUN write uses ([`NO_IOV_SET`]: none).
+    iov_set: u32,
 }
+
+/// [`Slot::iov_set`] of a slot without one.
+const NO_IOV_SET: u32 = u32::MAX;
+/// iovec sets for gathered TUN writes (one per coalesced super-packet in flight). TUN writes
+/// complete at submission, so few are ever in flight; without a free set the run is copied.
+const IOV_SETS: usize = 64;
+/// One iovec set: the head (virtio header and first segment), then one payload per segment.
+type IovSet = [libc::iovec; gso::MAX_COALESCED_SEGMENTS];
 
 /// Datagrams per GSO send at most (the kernel's UDP_MAX_SEGMENTS is at least 64).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Bytes per GSO send at most (one UDP datagram's worth, less headers).
 const GSO_MAX_BYTES: usize = 65_000;
+
+/// What [`Worker::write_run_gathered`] did.
+enum Gathered {
+    /// The write is in flight.
+    Submitted,
+    /// Nothing was touched (no free slot or iovec set): copy the run instead.
+    NotTried,
+    /// The run's head was rewritten but the write could not be submitted: drop the run.
+    Failed,
+}
 
 /// Transit datagrams of one received buffer going to one next hop, back to back.
 struct FwdBatch {
@@ -169,6 +197,8 @@ struct Worker {
     buf_ring: BufRing,
     slots: Box<[Slot]>,
     free_slots: Vec<u32>,
+    iov_sets: Box<[IovSet]>,
+    free_iov_sets: Vec<u32>,
     recv_msg: Box<libc::msghdr>,
     inflight: Vec<Option<PacketBuf>>,
     refs: Vec<u32>,
@@ -214,6 +244,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
             ))),
             control: [0; 3],
             buf: 0,
+            iov_set: NO_IOV_SET,
         })
         .collect::<Vec<_>>()
         .into_boxed_slice();
@@ -229,6 +260,16 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
         buf_ring,
         slots,
         free_slots: (0..SLOTS as u32).rev().collect(),
+        iov_sets: (0..IOV_SETS)
+            .map(|_| {
+                [libc::iovec {
+                    iov_base: core::ptr::null_mut(),
+                    iov_len: 0,
+                }; gso::MAX_COALESCED_SEGMENTS]
+            })
+            .collect::<Vec<_>>()
+            .into_boxed_slice(),
+        free_iov_sets: (0..IOV_SETS as u32).rev().collect(),
         recv_msg,
         inflight: (0..POOL_BUFFERS).map(|_| None).collect(),
         refs: vec![0; POOL_BUFFERS],
@@ -330,6 +371,7 @@ impl Worker {
             std::mem::forget(std::mem::take(&mut self.inflight));
             let slots = std::mem::take(&mut self.slots);
             std::mem::forget(slots);
+            std::mem::forget(std::mem::take(&mut self.iov_sets));
         }
     }
 
@@ -437,6 +479,12 @@ impl Worker {
             return;
         };
         let b = slot.buf;
+        if slot.iov_set != NO_IOV_SET {
+            self.free_iov_sets.push(slot.iov_set);
+            if let Some(slot) = self.slots.get_mut(s as usize) {
+                slot.iov_set = NO_IOV_SET;
+            }
+        }
         self.free_slots.push(s);
         if let Some(r) = self.refs.get_mut(b as usize) {
             *r = r.saturating_sub(1);
@@ -472,8 +520,10 @@ impl Worker {
     /// each written and sealed in its own datagram slot of a send buffer, and sends the slots
     /// with UDP GSO: one TUN read and one send for ~45 packets.
     fn segment_and_send(&mut self, t: &Tables<'_>, buf: PacketBuf, hdr: &vnet::VnetHdr) {
+        // TCP segments leave with the partial checksum: the receiving dataplane hands them to
+        // its TUN with NEEDS_CSUM (`write_to_tun`), so summing every payload here is wasted.
         let (Ok(mut sup), Some((src, dst))) = (
-            vnet::Segments::new(hdr, buf.data()),
+            vnet::Segments::new(hdr, buf.data()).map(vnet::Segments::partial_tcp_checksum),
             crate::icmp::ipv6_addrs(buf.data()),
         ) else {
             self.count(Counter::dropped_malformed);
@@ -867,6 +917,26 @@ impl Worker {
                 }
             }
             if let Some(r) = run.filter(|r| r.count() >= 2) {
+                match self.write_run_gathered(fd, buf, &r, list.get(i..j).unwrap_or(&[])) {
+                    Gathered::Submitted => {
+                        self.counters().add(Counter::coalesced, r.count() as u64);
+                        i = j;
+                        continue;
+                    }
+                    Gathered::Failed => {
+                        self.counters()
+                            .add(Counter::dropped_backpressure, r.count() as u64);
+                        i = j;
+                        continue;
+                    }
+                    Gathered::NotTried => {}
+                }
+                let data = buf.data();
+                let pkt = |k: usize| -> &[u8] {
+                    list.get(k)
+                        .and_then(|(s, l)| data.get(*s..*s + *l))
+                        .unwrap_or(&[])
+                };
                 if let Some(mut out) = self.pool.alloc() {
                     out.reset(0);
                     let n = r.write((i..j).map(pkt), out.read_target());
@@ -885,11 +955,28 @@ impl Worker {
                     break;
                 };
                 let vstart = start - VNET_HDR_LEN;
-                let Some(v) = buf.data_mut().get_mut(vstart..start) else {
+                let Some(pkt) = buf.data_mut().get_mut(vstart..start + len) else {
                     continue;
                 };
-                v.fill(0);
-                v[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+                let (v, pkt) = pkt.split_at_mut(VNET_HDR_LEN);
+                // TCP goes with a partial checksum and NEEDS_CSUM (senders leave it partial,
+                // `segment_and_send`); anything else was authenticated, its checksum known good.
+                let hdr = if vnet::set_partial_tcp_checksum(pkt) {
+                    vnet::VnetHdr {
+                        flags: vnet::F_NEEDS_CSUM,
+                        csum_start: vnet::TCP_CSUM_START,
+                        csum_offset: vnet::TCP_CSUM_OFFSET,
+                        ..vnet::VnetHdr::default()
+                    }
+                } else {
+                    vnet::VnetHdr {
+                        flags: VIRTIO_NET_HDR_F_DATA_VALID,
+                        ..vnet::VnetHdr::default()
+                    }
+                };
+                if hdr.emit(v).is_err() {
+                    continue;
+                }
                 let ptr = buf.data()[vstart..].as_ptr();
                 if !self.submit_slot(Op::TunWrite, fd, index, ptr, len + VNET_HDR_LEN, None) {
                     self.count(Counter::dropped_backpressure);
@@ -899,6 +986,90 @@ impl Worker {
         }
         self.to_tun = list;
         self.to_tun.clear();
+    }
+
+    /// Writes a coalesced run (`segs`: offsets and lengths of its segments in `buf`) to the TUN
+    /// as one gathered write: the first segment becomes the super-packet's head in place (virtio
+    /// header in the bytes its data header used), the others contribute their payloads where
+    /// they lie — no copy in user space. [`Gathered::NotTried`] (nothing touched) if no iovec
+    /// set or slot is free: the caller copies the run instead.
+    fn write_run_gathered(
+        &mut self,
+        fd: RawFd,
+        buf: &mut PacketBuf,
+        run: &gso::TcpRun,
+        segs: &[(usize, usize)],
+    ) -> Gathered {
+        let (Some(&(first, first_len)), Some(&(last, last_len))) = (segs.first(), segs.last())
+        else {
+            return Gathered::NotTried;
+        };
+        let data_len = buf.data().len();
+        let in_bounds = segs
+            .iter()
+            .all(|&(s, l)| l >= run.hdr_len() && s + l <= data_len);
+        if segs.len() > gso::MAX_COALESCED_SEGMENTS || first < VNET_HDR_LEN || !in_bounds {
+            return Gathered::NotTried;
+        }
+        let Some(last_flags) = buf
+            .data()
+            .get(last..last + last_len)
+            .and_then(gso::TcpRun::flags_of)
+        else {
+            return Gathered::NotTried;
+        };
+        if self.free_slots.is_empty() || self.free_iov_sets.is_empty() {
+            return Gathered::NotTried;
+        }
+        let head_start = first - VNET_HDR_LEN;
+        let prepared = buf
+            .data_mut()
+            .get_mut(head_start..first + first_len)
+            .and_then(|head| run.write_head(head, last_flags));
+        if prepared.is_none() {
+            return Gathered::NotTried;
+        }
+        // From here on the first segment's headers are the super-packet's.
+        let (Some(s), Some(set)) = (self.free_slots.pop(), self.free_iov_sets.pop()) else {
+            return Gathered::Failed;
+        };
+        let Some(iovs) = self.iov_sets.get_mut(set as usize) else {
+            self.free_slots.push(s);
+            self.free_iov_sets.push(set);
+            return Gathered::Failed;
+        };
+        let data = buf.data();
+        let hdr_len = run.hdr_len();
+        for (k, (iov, &(start, len))) in iovs.iter_mut().zip(segs).enumerate() {
+            let from = if k == 0 { head_start } else { start + hdr_len };
+            let piece = data.get(from..start + len).unwrap_or(&[]);
+            *iov = libc::iovec {
+                iov_base: piece.as_ptr().cast_mut().cast(),
+                iov_len: piece.len(),
+            };
+        }
+        let iov_ptr = iovs.as_ptr();
+        // SAFETY: the iovec set lives in `self.iov_sets`, a boxed slice that never moves, and
+        // is not reused before this write's completion (`slot_done` frees it); the bytes lie in
+        // pool buffer `buf`, whose reference count we raise below, so it stays in `inflight`
+        // until the completion.
+        let pushed = unsafe {
+            self.ring
+                .writev(fd, iov_ptr, segs.len() as u32, ring::pack(Op::TunWrite, s))
+        };
+        if pushed.is_err() {
+            self.free_slots.push(s);
+            self.free_iov_sets.push(set);
+            return Gathered::Failed;
+        }
+        if let Some(slot) = self.slots.get_mut(s as usize) {
+            slot.buf = buf.index();
+            slot.iov_set = set;
+        }
+        if let Some(r) = self.refs.get_mut(buf.index() as usize) {
+            *r += 1;
+        }
+        Gathered::Submitted
     }
 
     /// After a handler submitted operations on `buf`: keep it until they complete, or free it.
@@ -1087,7 +1258,7 @@ impl Worker {
                 self.tun_reads += 1;
             }
         }
-        self.ring.submit()?;
+        // No submit here: the loop's next `submit_and_wait` submits and waits in one syscall.
         Ok(())
     }
 }
