@@ -5,150 +5,36 @@
 //! Needs root and `hypha-dp` built next to `hypha` (`cargo build -p hypha-dataplane`). Run with
 //! `cargo test -p hypha-controlplane --test bus_network`.
 
-use std::collections::BTreeMap;
-use std::net::{Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hypha_controlplane::bus::client::{request, Response};
-use hypha_testnet::{wait_until, LinkOpts, Node, ProcHandle, Signal, TestNet};
+use common::{Overlay, PORT};
+use hypha_testnet::{wait_until, LinkOpts};
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hypha");
-const PORT: u16 = 9651;
-const API: &str = "127.0.0.1:8989";
-
-fn dp_bin() -> PathBuf {
-    let p = PathBuf::from(BIN).with_file_name("hypha-dp");
-    assert!(
-        p.exists(),
-        "{} missing: build it first (cargo build -p hypha-dataplane)",
-        p.display()
-    );
-    p
-}
-
 /// Nodes in namespaces, each running `hypha run` with its dataplane (no TUN: the bus needs none).
-struct Net {
-    net: TestNet,
-    nodes: BTreeMap<String, Node>,
-    procs: BTreeMap<String, ProcHandle>,
-    dials: BTreeMap<String, Vec<SocketAddr>>,
-    addrs: BTreeMap<String, Ipv6Addr>,
-    keys: BTreeMap<String, String>,
-    extra: Vec<String>,
+fn net(test: &str, names: &[&str]) -> Overlay {
+    let mut n = Overlay::new(test, names);
+    n.extra = vec!["--no-tun".into(), "--xdp".into(), "off".into()];
+    n.api_wait = Duration::from_secs(15);
+    n
 }
 
-impl Net {
-    fn new(test: &str, names: &[&str]) -> Net {
-        let net = TestNet::new(test).expect("create test net (needs root)");
-        let mut nodes = BTreeMap::new();
-        for n in names {
-            nodes.insert(n.to_string(), net.add_node(n).expect("add node"));
-        }
-        Net {
-            net,
-            nodes,
-            procs: BTreeMap::new(),
-            dials: BTreeMap::new(),
-            addrs: BTreeMap::new(),
-            keys: BTreeMap::new(),
-            extra: Vec::new(),
-        }
-    }
-
-    fn node(&self, name: &str) -> &Node {
-        &self.nodes[name]
-    }
-
-    /// Links `x`–`y`; `y` dials `x`. Returns the endpoint `y` dials.
-    fn link(&mut self, x: &str, y: &str, opts: LinkOpts) -> SocketAddr {
-        let l = self
-            .net
-            .link(self.node(x), self.node(y), opts)
-            .expect("link");
-        let ex = SocketAddr::new(l.a().ip(false), PORT);
-        self.dials.entry(y.to_string()).or_default().push(ex);
-        ex
-    }
-
-    fn start(&mut self, name: &str) {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("-k")
-            .arg(self.net.log_dir().join(format!("{name}.key")))
-            .arg("--dataplane-bin")
-            .arg(dp_bin())
-            .args(["--workers", "1", "--no-tun", "--xdp", "off"])
-            .args(["--hello-interval", "200ms"])
-            .env("RUST_LOG", "info,hypha_controlplane=debug");
-        for p in self.dials.get(name).into_iter().flatten() {
-            cmd.arg("--peers").arg(format!("udp://{p}"));
-        }
-        cmd.args(&self.extra);
-        let h = self
-            .node(name)
-            .spawn(&format!("hypha-{name}"), cmd)
-            .expect("spawn hypha");
-        self.procs.insert(name.to_string(), h);
-        self.learn_identity(name);
-    }
-
-    fn http(&self, name: &str, method: &str, path: &str, body: Option<Value>) -> Option<Response> {
-        let (method, path) = (method.to_string(), path.to_string());
-        let body = body.map(|b| b.to_string());
-        self.node(name)
-            .run_in(move || {
-                let addr: SocketAddr = API.parse().ok()?;
-                request(
-                    addr,
-                    &method,
-                    &path,
-                    body.as_deref().map(str::as_bytes),
-                    Duration::from_secs(90),
-                )
-                .ok()
-            })
-            .ok()
-            .flatten()
-    }
-
-    fn get(&self, name: &str, path: &str) -> Option<Value> {
-        let r = self.http(name, "GET", path, None)?;
-        (r.status == 200)
-            .then(|| serde_json::from_slice(&r.body).ok())
-            .flatten()
-    }
-
-    fn learn_identity(&mut self, name: &str) {
-        let mut info = None;
-        wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
-            info = self.get(name, "/api/v1/admin");
-            info.is_some()
-        })
-        .unwrap_or_else(|_| panic!("{name}'s API never answered: {}", self.log(name)));
-        let info = info.expect("checked");
-        let ip: Ipv6Addr = info["nodeIp"]
-            .as_str()
-            .expect("nodeIp")
-            .parse()
-            .expect("ip");
-        self.addrs.insert(name.to_string(), ip);
-        let pk = info["nodePubkey"].as_str().expect("nodePubkey").to_string();
-        self.keys.insert(name.to_string(), pk);
-    }
-
-    fn subnet(&self, name: &str) -> String {
-        let s = self.addrs[name].segments();
-        format!("{}/64", Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+/// The bus tests' own helpers.
+impl Overlay {
+    /// Starts `name` and waits for its API (address and key learnt).
+    fn start_node(&mut self, name: &str) {
+        self.start(name);
+        self.learn(name);
     }
 
     fn has_route(&self, from: &str, to: &str) -> bool {
-        let want = self.subnet(to);
-        self.get(from, "/api/v1/admin/routes/selected")
+        let want = &self.subnets[to];
+        self.get::<Value>(from, "/api/v1/admin/routes/selected")
             .and_then(|v| v.as_array().cloned())
             .is_some_and(|rs| rs.iter().any(|r| r["subnet"] == want.as_str()))
     }
@@ -161,7 +47,7 @@ impl Net {
     }
 
     fn bus_stat(&self, name: &str, key: &str) -> Option<u64> {
-        self.get(name, "/api/v1/admin/stats")?["bus"][key].as_u64()
+        self.get::<Value>(name, "/api/v1/admin/stats")?["bus"][key].as_u64()
     }
 
     /// Pushes a message; returns its id.
@@ -193,54 +79,9 @@ impl Net {
     }
 
     fn state(&self, name: &str, id: &str) -> Value {
-        self.get(name, &format!("/api/v1/messages/status/{id}"))
+        self.get::<Value>(name, &format!("/api/v1/messages/status/{id}"))
             .map(|v| v["state"].clone())
             .unwrap_or(Value::Null)
-    }
-
-    /// Runs the `hypha` CLI in `name`'s namespace.
-    fn cli(&self, name: &str, args: &[&str]) -> Output {
-        let mut argv = vec![BIN];
-        argv.extend_from_slice(args);
-        self.node(name).exec(argv).expect("run hypha CLI")
-    }
-
-    fn log(&self, name: &str) -> String {
-        self.procs
-            .get(name)
-            .and_then(|p| p.log_tail(40).ok())
-            .unwrap_or_default()
-    }
-
-    fn pid(&self, name: &str) -> u32 {
-        self.procs[name].pid()
-    }
-
-    fn dp_pid(&self, name: &str) -> Option<i32> {
-        let a = self.addrs.get(name)?;
-        let s = std::fs::read_to_string(format!("/run/hypha/{a}/dp.pid")).ok()?;
-        s.trim().parse().ok()
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // hypha-dp runs in its own process group (it must survive its control plane), so the
-        // harness does not kill it: stop the control planes, then each dataplane by its pid.
-        for p in self.procs.values() {
-            let _ = p.kill(Signal::SIGKILL);
-        }
-        for name in self.addrs.keys() {
-            if let Some(pid) = self.dp_pid(name) {
-                // SAFETY: kill(2) on a pid read from our own node's pid file.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
-        for a in self.addrs.values() {
-            let _ = std::fs::remove_dir_all(format!("/run/hypha/{a}"));
-        }
     }
 }
 
@@ -259,14 +100,14 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[test]
 fn lossy_delayed_line_carries_a_mebibyte_and_a_reply() {
-    let mut n = Net::new("busline", &["a", "b", "c"]);
+    let mut n = net("busline", &["a", "b", "c"]);
     let lossy = LinkOpts::default()
         .with_loss(5.0)
         .with_delay(Duration::from_millis(20));
-    n.link("b", "a", lossy.clone());
-    n.link("b", "c", lossy);
+    n.link_with("b", "a", lossy.clone());
+    n.link_with("b", "c", lossy);
     for x in ["b", "a", "c"] {
-        n.start(x);
+        n.start_node(x);
     }
     n.wait_route("a", "c", Duration::from_secs(40));
     n.wait_route("c", "a", Duration::from_secs(40));
@@ -274,7 +115,7 @@ fn lossy_delayed_line_carries_a_mebibyte_and_a_reply() {
     // c is no neighbour of a: its key comes from the route (Babel's origin key).
     let c_ip = n.addrs["c"].to_string();
     let pk = n
-        .get("a", &format!("/api/v1/pubkey/{c_ip}"))
+        .get::<Value>("a", &format!("/api/v1/pubkey/{c_ip}"))
         .expect("a knows c's key");
     assert_eq!(pk["NodePubKey"], n.keys["c"].as_str());
 
@@ -305,12 +146,16 @@ fn lossy_delayed_line_carries_a_mebibyte_and_a_reply() {
     })
     .unwrap_or_else(|_| panic!("status on a: {}", n.state("a", &id)));
     // Diagnostics for the log: how hard the bus had to work.
-    let stats = n.get("a", "/api/v1/admin/stats").unwrap_or_default();
+    let stats = n
+        .get::<Value>("a", "/api/v1/admin/stats")
+        .unwrap_or_default();
     eprintln!(
         "a: bus {}\nruntime {}\ndataplane {}",
         stats["bus"], stats["runtime"], stats["dataplane"]
     );
-    let stats = n.get("c", "/api/v1/admin/stats").unwrap_or_default();
+    let stats = n
+        .get::<Value>("c", "/api/v1/admin/stats")
+        .unwrap_or_default();
     eprintln!("c: bus {}", stats["bus"]);
 
     // `hypha message send --wait` on a gets the reply c sends through the API.
@@ -372,9 +217,9 @@ fn lossy_delayed_line_carries_a_mebibyte_and_a_reply() {
 
 #[test]
 fn idle_long_poll_is_cheap_and_undeliverable_messages_expire() {
-    let mut n = Net::new("busidle", &["a"]);
-    n.extra = vec!["--message-deadline".into(), "3s".into()];
-    n.start("a");
+    let mut n = net("busidle", &["a"]);
+    n.extra.extend(["--message-deadline".into(), "3s".into()]);
+    n.start_node("a");
     // Let start-up settle before measuring.
     std::thread::sleep(Duration::from_secs(1));
     let pid = n.pid("a");
@@ -416,11 +261,11 @@ fn idle_long_poll_is_cheap_and_undeliverable_messages_expire() {
 
 #[test]
 fn peers_removed_and_added_back_over_the_api() {
-    let mut n = Net::new("buspeers", &["a", "b", "c"]);
-    let to_b = n.link("b", "a", LinkOpts::default());
-    n.link("b", "c", LinkOpts::default());
+    let mut n = net("buspeers", &["a", "b", "c"]);
+    let to_b = SocketAddr::new(n.link("b", "a").a().ip(false), PORT);
+    n.link("b", "c");
     for x in ["b", "a", "c"] {
-        n.start(x);
+        n.start_node(x);
     }
     n.wait_route("a", "c", Duration::from_secs(30));
     let b_ep = format!("udp://{to_b}");
@@ -476,7 +321,7 @@ fn peers_removed_and_added_back_over_the_api() {
         !n.has_route("a", "c") && !n.has_route("a", "b")
     })
     .unwrap_or_else(|_| panic!("routes via b stayed: {}", n.log("a")));
-    let peers = n.get("a", "/api/v1/admin/peers").expect("peers");
+    let peers = n.get::<Value>("a", "/api/v1/admin/peers").expect("peers");
     assert_eq!(peers.as_array().map(Vec::len), Some(0), "{peers}");
 
     // Bad and duplicate adds, then the real one through the CLI.

@@ -5,49 +5,26 @@
 //! kernel objects are named `hd<its pid in base 36>-<n>...`; other tests make `hy...` ones, so
 //! only `hd` names are compared, and the two tests here run one after the other.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::{dp_bin, BIN};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_hypha");
 
 /// One demo at a time: both build namespaces and start 8 processes on a 2-CPU machine, and the
 /// before/after comparison of `hd` names must only see one demo's.
 static ONE_DEMO: Mutex<()> = Mutex::new(());
 
-fn dp_bin() -> PathBuf {
-    let p = PathBuf::from(BIN).with_file_name("hypha-dp");
-    assert!(
-        p.exists(),
-        "{} missing: build it first (cargo build -p hypha-dataplane)",
-        p.display()
-    );
-    p
-}
-
-fn base36(mut n: u64) -> String {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(DIGITS[(n % 36) as usize]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).unwrap()
-}
-
 /// The prefix of every name a demo with this PID creates (`hd<pid>-`).
 fn demo_prefix(pid: u32) -> String {
-    format!("hd{}-", base36(u64::from(pid)))
+    hypha_testnet::tag_prefix("hd", pid)
 }
 
 /// What of the demo's kind exists now: `hd` namespaces, `hd` interfaces in this namespace, and
@@ -129,6 +106,18 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
     panic!("hypha demo took longer than {limit:?} and ignored SIGINT");
 }
 
+/// The names in `after` that have the demo's `prefix` or were not there `before`.
+fn left_over<'a>(
+    after: &'a BTreeSet<String>,
+    before: &BTreeSet<String>,
+    prefix: &str,
+) -> Vec<&'a String> {
+    after
+        .iter()
+        .filter(|n| n.starts_with(prefix) || !before.contains(*n))
+        .collect()
+}
+
 /// Asserts that nothing with the demo's prefix is left and that no process of our binaries has
 /// appeared since `before` (processes of a stopped node may take a moment to be reaped).
 fn assert_nothing_left(before: &Snapshot, pid: u32) {
@@ -144,34 +133,33 @@ fn assert_nothing_left(before: &Snapshot, pid: u32) {
         new_procs.is_empty(),
         "processes left by the demo: {new_procs:?}"
     );
-    let ns: Vec<&String> = after
-        .namespaces
-        .iter()
-        .filter(|n| n.starts_with(&prefix) || !before.namespaces.contains(*n))
-        .collect();
+    let ns = left_over(&after.namespaces, &before.namespaces, &prefix);
     assert!(ns.is_empty(), "namespaces left by the demo: {ns:?}");
-    let links: Vec<&String> = after
-        .links
-        .iter()
-        .filter(|n| n.starts_with(&prefix) || !before.links.contains(*n))
-        .collect();
+    let links = left_over(&after.links, &before.links, &prefix);
     assert!(links.is_empty(), "links left by the demo: {links:?}");
     let stray: Vec<&String> = after.procs.iter().filter(|p| p.contains(&prefix)).collect();
     assert!(stray.is_empty(), "processes of the demo's nodes: {stray:?}");
 }
 
-#[test]
-fn demo_runs_to_completion_and_leaves_nothing_behind() {
-    let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
+/// Takes the one-demo lock, checks that `hypha-dp` is built, records what exists, then starts
+/// `hypha ARGS` with stdout and stderr piped. Hold the guard until the test ends.
+fn start_demo(args: &[&str]) -> (MutexGuard<'static, ()>, Snapshot, Child) {
+    let one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
     dp_bin();
     let before = snapshot();
-    let mut child = Command::new(BIN)
-        .args(["demo", "--json"])
+    let child = Command::new(BIN)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start hypha demo");
+    (one, before, child)
+}
+
+#[test]
+fn demo_runs_to_completion_and_leaves_nothing_behind() {
+    let (_one, before, mut child) = start_demo(&["demo", "--json"]);
     let pid = child.id();
     // Read both pipes while it runs, so a full pipe can never block it.
     let stdout = child.stdout.take().unwrap();
@@ -219,16 +207,7 @@ fn demo_runs_to_completion_and_leaves_nothing_behind() {
 
 #[test]
 fn demo_interrupted_after_start_cleans_up() {
-    let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
-    dp_bin();
-    let before = snapshot();
-    let mut child = Command::new(BIN)
-        .arg("demo")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hypha demo");
+    let (_one, before, mut child) = start_demo(&["demo"]);
     let pid = child.id();
     let stderr = child.stderr.take().unwrap();
     let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());

@@ -4,195 +4,30 @@
 //! Needs root, `iperf3`, and `hypha-dp` built next to `hypha` (`cargo build -p hypha-dataplane`).
 //! Run with `cargo test -p hypha-controlplane --test overlay_dataplane`.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hypha_controlplane::api::{AdminInfo, RouteInfo, Stats};
-use hypha_testnet::{wait_until, LinkOpts, Node, ProcHandle, Signal, TestNet};
+use common::{Overlay, BIN, PORT};
+use hypha_controlplane::api::{RouteInfo, Stats};
+use hypha_testnet::{wait_until, LinkOpts, Node};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hypha");
-const PORT: u16 = 9651;
-const HELLO: &str = "200ms";
-
-fn dp_bin() -> PathBuf {
-    let p = PathBuf::from(BIN).with_file_name("hypha-dp");
-    assert!(
-        p.exists(),
-        "{} missing: build it first (cargo build -p hypha-dataplane)",
-        p.display()
-    );
-    p
+/// Nodes with their dataplanes, TUN devices and XDP as `hypha run` defaults them.
+fn overlay(test: &str, names: &[&str]) -> Overlay {
+    let mut o = Overlay::new(test, names);
+    o.log_lines = 60;
+    o
 }
 
-struct Overlay {
-    net: TestNet,
-    nodes: BTreeMap<String, Node>,
-    procs: BTreeMap<String, ProcHandle>,
-    dials: BTreeMap<String, Vec<SocketAddr>>,
-    addrs: BTreeMap<String, Ipv6Addr>,
-    links: BTreeMap<(String, String), hypha_testnet::Link>,
-    /// More `hypha run` flags for every node.
-    extra: Vec<String>,
-}
-
+/// The dataplane tests' own helpers.
 impl Overlay {
-    fn new(test: &str, names: &[&str]) -> Overlay {
-        let net = TestNet::new(test).expect("create test net (needs root)");
-        let mut nodes = BTreeMap::new();
-        for n in names {
-            nodes.insert(n.to_string(), net.add_node(n).expect("add node"));
-        }
-        Overlay {
-            net,
-            nodes,
-            procs: BTreeMap::new(),
-            dials: BTreeMap::new(),
-            addrs: BTreeMap::new(),
-            links: BTreeMap::new(),
-            extra: Vec::new(),
-        }
-    }
-
-    fn node(&self, name: &str) -> &Node {
-        &self.nodes[name]
-    }
-
-    /// Links `x`–`y`; `y` dials `x` over IPv4.
-    fn link(&mut self, x: &str, y: &str) {
-        self.link_with(x, y, LinkOpts::default());
-    }
-
-    fn link_with(&mut self, x: &str, y: &str, opts: LinkOpts) {
-        let l = self
-            .net
-            .link(self.node(x), self.node(y), opts)
-            .expect("link");
-        let ex = SocketAddr::new(l.a().ip(false), PORT);
-        self.dials.entry(y.to_string()).or_default().push(ex);
-        self.links.insert((x.to_string(), y.to_string()), l);
-    }
-
-    fn key_file(&self, name: &str) -> PathBuf {
-        self.net.log_dir().join(format!("{name}.key"))
-    }
-
-    fn start(&mut self, name: &str) {
-        let cmd = self.command(name);
-        let tag = self.procs.len();
-        let h = self
-            .node(name)
-            .spawn(&format!("hypha-{name}-{tag}"), cmd)
-            .expect("spawn hypha");
-        self.procs.insert(name.to_string(), h);
-    }
-
-    fn command(&self, name: &str) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("-k")
-            .arg(self.key_file(name))
-            .arg("--dataplane-bin")
-            .arg(dp_bin())
-            .args(["--workers", "1", "--hello-interval", HELLO])
-            .env("RUST_LOG", "info,hypha_controlplane=debug");
-        for p in self.dials.get(name).into_iter().flatten() {
-            cmd.arg("--peers").arg(format!("udp://{p}"));
-        }
-        cmd.args(&self.extra);
-        cmd
-    }
-
-    fn get<T: serde::de::DeserializeOwned + Send>(&self, name: &str, path: &str) -> Option<T> {
-        let path = path.to_string();
-        self.node(name)
-            .run_in(move || {
-                let addr = "127.0.0.1:8989".parse().ok()?;
-                let v = hypha_controlplane::client::get_json(addr, &path).ok()?;
-                serde_json::from_value(v).ok()
-            })
-            .ok()
-            .flatten()
-    }
-
-    fn learn_addr(&mut self, name: &str) -> Ipv6Addr {
-        let mut info = None;
-        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-            info = self.get::<AdminInfo>(name, "/api/v1/admin");
-            info.as_ref()
-                .is_some_and(|i| i.node_ip.parse::<Ipv6Addr>().is_ok())
-        })
-        .unwrap_or_else(|_| panic!("{name}'s API never answered: {}", self.log(name)));
-        let a: Ipv6Addr = info.expect("checked").node_ip.parse().expect("node_ip");
-        self.addrs.insert(name.to_string(), a);
-        a
-    }
-
     fn stats(&self, name: &str) -> Stats {
         self.get(name, "/api/v1/admin/stats").unwrap_or_default()
     }
 
     fn dp_counter(&self, name: &str, key: &str) -> Option<u64> {
         self.stats(name).get("dataplane")?.get(key).copied()
-    }
-
-    fn log(&self, name: &str) -> String {
-        self.procs
-            .get(name)
-            .and_then(|p| p.log_tail(60).ok())
-            .unwrap_or_default()
-    }
-
-    fn dp_pid(&self, name: &str) -> Option<i32> {
-        let a = self.addrs.get(name)?;
-        let s = std::fs::read_to_string(format!("/run/hypha/{a}/dp.pid")).ok()?;
-        s.trim().parse().ok()
-    }
-
-    /// `ping` from `from`'s overlay address to `to`'s: true if any reply came.
-    fn ping(&self, from: &str, to: &str, count: u32) -> bool {
-        let dst = self.addrs[to].to_string();
-        let src = self.addrs[from].to_string();
-        let out = self
-            .node(from)
-            .exec([
-                "ping",
-                "-6",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                "-I",
-                &src,
-                &dst,
-            ])
-            .expect("run ping");
-        out.status.success()
-    }
-}
-
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        // hypha-dp runs in its own process group (it must survive its control plane), so the
-        // harness does not kill it: stop the control planes first, then every dataplane by pid.
-        for p in self.procs.values() {
-            let _ = p.kill(Signal::SIGKILL);
-        }
-        for name in self.addrs.keys() {
-            if let Some(pid) = self.dp_pid(name) {
-                // SAFETY: kill(2) on a pid we read from our own node's pid file.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
-        for a in self.addrs.values() {
-            let _ = std::fs::remove_dir_all(format!("/run/hypha/{a}"));
-        }
     }
 }
 
@@ -347,7 +182,7 @@ fn reuseport_socket(addr: SocketAddr) -> UdpSocket {
 #[test]
 fn line_forwarding_replay_and_restarts() {
     let t0 = Instant::now();
-    let mut o = Overlay::new("ovdp", &["a", "b", "c"]);
+    let mut o = overlay("ovdp", &["a", "b", "c"]);
     o.link("a", "b");
     o.link("b", "c");
     for n in ["a", "b", "c"] {
@@ -355,7 +190,7 @@ fn line_forwarding_replay_and_restarts() {
     }
     let started = Instant::now();
     for n in ["a", "b", "c"] {
-        o.learn_addr(n);
+        o.learn(n);
     }
     let t = wait_ping(&o, "a", "c", Duration::from_secs(10)).unwrap_or_else(|| {
         panic!(
@@ -519,7 +354,7 @@ fn line_forwarding_replay_and_restarts() {
 #[test]
 fn pings_resume_over_a_second_path() {
     let t0 = Instant::now();
-    let mut o = Overlay::new("ovdp2", &["a", "b", "c", "d"]);
+    let mut o = overlay("ovdp2", &["a", "b", "c", "d"]);
     o.link("a", "b");
     o.link("b", "c");
     o.link("a", "d");
@@ -533,7 +368,7 @@ fn pings_resume_over_a_second_path() {
         o.start(n);
     }
     for n in ["a", "b", "c", "d"] {
-        o.learn_addr(n);
+        o.learn(n);
     }
     assert!(
         wait_ping(&o, "a", "c", Duration::from_secs(15)).is_some(),
@@ -658,7 +493,7 @@ fn iperf_to(node: &Node, server: &Node, dst: &str, secs: u32, streams: u32) -> f
 #[test]
 #[ignore = "benchmark: run by hand in release mode"]
 fn bench_line_through_hypha_vs_bare_veth() {
-    let mut o = Overlay::new("ovbench", &["a", "b", "c"]);
+    let mut o = overlay("ovbench", &["a", "b", "c"]);
     // HYPHA_BENCH_XDP=off|generic|driver|auto picks hypha-dp's XDP mode (default: its own).
     if let Ok(mode) = std::env::var("HYPHA_BENCH_XDP") {
         o.extra = vec!["--xdp".into(), mode];
@@ -669,7 +504,7 @@ fn bench_line_through_hypha_vs_bare_veth() {
         o.start(n);
     }
     for n in ["a", "b", "c"] {
-        o.learn_addr(n);
+        o.learn(n);
     }
     assert!(wait_ping(&o, "a", "c", Duration::from_secs(10)).is_some());
     // The bare path: kernel routing over the same veths, b forwarding.
@@ -719,13 +554,13 @@ fn bench_line_through_hypha_vs_bare_veth() {
 /// port) are dropped in XDP and counted under `xdp.drop_unknown_peer`.
 #[test]
 fn xdp_counters_in_stats_api_and_cli() {
-    let mut o = Overlay::new("ovxdp", &["a", "b"]);
+    let mut o = overlay("ovxdp", &["a", "b"]);
     o.link("a", "b");
     for n in ["a", "b"] {
         o.start(n);
     }
     for n in ["a", "b"] {
-        o.learn_addr(n);
+        o.learn(n);
     }
     assert!(
         wait_ping(&o, "a", "b", Duration::from_secs(15)).is_some(),

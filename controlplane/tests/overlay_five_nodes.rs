@@ -15,158 +15,59 @@
 //!
 //! Needs root (network namespaces). Run with `cargo test -p hypha-controlplane --test overlay_five_nodes`.
 
-use std::collections::{BTreeMap, HashMap};
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hypha_controlplane::api::{AdminInfo, ConnectionState, PeerInfo, RouteInfo, Stats};
-use hypha_testnet::{wait_until, Link, LinkOpts, Node, ProcHandle, Signal, TestNet};
+use common::Overlay;
+use hypha_controlplane::api::{ConnectionState, PeerInfo, RouteInfo, Stats};
+use hypha_testnet::{wait_until, Signal};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hypha");
-const PORT: u16 = 9651;
-const HELLO: &str = "200ms";
-
-/// The daemons of one test and what the test knows about them.
-struct Overlay {
-    net: TestNet,
-    nodes: BTreeMap<String, Node>,
-    procs: BTreeMap<String, ProcHandle>,
-    /// Underlay endpoint (`ip:9651` of a link end) → node name.
-    endpoints: HashMap<SocketAddr, String>,
-    /// Node name → its peers (endpoints of the other ends of its links that it dials).
-    dials: BTreeMap<String, Vec<SocketAddr>>,
-    network_key: PathBuf,
-    /// Node name → its /64 as the API prints it.
-    subnets: BTreeMap<String, String>,
+/// Nodes to run `hypha run --no-dataplane`, and a network key some of them get.
+fn overlay(test: &str, names: &[&str]) -> Overlay {
+    let mut o = Overlay::new(test, names);
+    o.dataplane = false;
+    o.rust_log = "hypha_controlplane=debug";
+    std::fs::write(network_key(&o), [0x5au8; 32]).expect("write network key");
+    o
 }
 
+fn network_key(o: &Overlay) -> std::path::PathBuf {
+    o.net.log_dir().join("network.key")
+}
+
+/// The five-node tests' own helpers.
 impl Overlay {
-    fn new(test: &str, names: &[&str]) -> Overlay {
-        let net = TestNet::new(test).expect("create test net (needs root)");
-        let mut nodes = BTreeMap::new();
-        for n in names {
-            nodes.insert(n.to_string(), net.add_node(n).expect("add node"));
-        }
-        let network_key = net.log_dir().join("network.key");
-        std::fs::write(&network_key, [0x5au8; 32]).expect("write network key");
-        Overlay {
-            net,
-            nodes,
-            procs: BTreeMap::new(),
-            endpoints: HashMap::new(),
-            dials: BTreeMap::new(),
-            network_key,
-            subnets: BTreeMap::new(),
-        }
-    }
-
-    fn node(&self, name: &str) -> &Node {
-        &self.nodes[name]
-    }
-
-    /// Links `x`–`y`; `y` dials `x` over IPv4.
-    fn link(&mut self, x: &str, y: &str) -> Link {
-        self.link_over(x, y, false)
-    }
-
-    /// Links `x`–`y`; `y` dials `x` over IPv6 (`v6`) or IPv4.
-    fn link_over(&mut self, x: &str, y: &str, v6: bool) -> Link {
-        let l = self
-            .net
-            .link(self.node(x), self.node(y), LinkOpts::default())
-            .expect("link");
-        let ex = SocketAddr::new(l.a().ip(v6), PORT);
-        let ey = SocketAddr::new(l.b().ip(v6), PORT);
-        self.endpoints.insert(ex, x.to_string());
-        self.endpoints.insert(ey, y.to_string());
-        self.dials.entry(y.to_string()).or_default().push(ex);
-        l
-    }
-
-    fn key_file(&self, name: &str) -> PathBuf {
-        self.net.log_dir().join(format!("{name}.key"))
-    }
-
     /// Starts `hypha run --no-dataplane` on `name`.
-    fn start(&mut self, name: &str, with_network_key: bool) {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("--no-dataplane")
-            .arg("-k")
-            .arg(self.key_file(name))
-            .args(["--hello-interval", HELLO])
-            .env("RUST_LOG", "hypha_controlplane=debug");
+    fn start_node(&mut self, name: &str, with_network_key: bool) {
+        let mut more: Vec<OsString> = Vec::new();
         if with_network_key {
-            cmd.arg("--network-key").arg(&self.network_key);
+            more.push("--network-key".into());
+            more.push(network_key(self).into());
         }
-        for p in self.dials.get(name).into_iter().flatten() {
-            cmd.arg("--peers").arg(format!("udp://{p}"));
-        }
-        let h = self
-            .node(name)
-            .spawn(&format!("hypha-{name}"), cmd)
-            .expect("spawn hypha");
-        self.procs.insert(name.to_string(), h);
-    }
-
-    /// Runs `hypha ARGS --json` in `name`'s namespace and parses its output.
-    fn cli<T: serde::de::DeserializeOwned>(&self, name: &str, args: &[&str]) -> Option<T> {
-        let mut full = vec![BIN];
-        full.extend_from_slice(args);
-        full.push("--json");
-        let out = self.node(name).exec(&full).ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        self.start_with(name, &more);
     }
 
     fn routes(&self, name: &str) -> Option<Vec<RouteInfo>> {
-        self.cli(name, &["routes"])
+        self.cli_json(name, &["routes"])
     }
 
     fn peers(&self, name: &str) -> Option<Vec<PeerInfo>> {
-        self.cli(name, &["peers"])
+        self.cli_json(name, &["peers"])
     }
 
     fn stats(&self, name: &str) -> Option<Stats> {
         self.get(name, "/api/v1/admin/stats")
     }
 
-    /// A GET on the node's API from inside its namespace, through the crate's own client.
-    fn get<T: serde::de::DeserializeOwned + Send>(&self, name: &str, path: &str) -> Option<T> {
-        let path = path.to_string();
-        self.node(name)
-            .run_in(move || {
-                let addr = "127.0.0.1:8989".parse().ok()?;
-                let v = hypha_controlplane::client::get_json(addr, &path).ok()?;
-                serde_json::from_value(v).ok()
-            })
-            .ok()
-            .flatten()
-    }
-
     /// Waits for every named node's API and records its /64.
     fn learn_subnets(&mut self, names: &[&str]) {
         for n in names {
-            let mut info = None;
-            wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-                info = self.get::<AdminInfo>(n, "/api/v1/admin");
-                info.is_some()
-            })
-            .unwrap_or_else(|_| panic!("node {n}'s API never answered: {}", self.log(n)));
-            let info = info.expect("checked above");
-            self.subnets.insert(n.to_string(), info.node_subnet);
+            self.learn(n);
         }
-    }
-
-    fn log(&self, name: &str) -> String {
-        self.procs
-            .get(name)
-            .and_then(|p| p.log_tail(40).ok())
-            .unwrap_or_default()
     }
 
     /// Follows selected next hops from `from` to `to` across the nodes' tables.
@@ -274,7 +175,7 @@ fn counter(stats: &Stats, group: &str, needle: &str) -> u64 {
 #[test]
 fn five_nodes_converge_reroute_and_refuse_a_node_without_the_network_key() {
     let five = ["a", "b", "c", "d", "e"];
-    let mut o = Overlay::new("ovl5", &["a", "b", "c", "d", "e", "f"]);
+    let mut o = overlay("ovl5", &["a", "b", "c", "d", "e", "f"]);
     o.link("a", "b");
     let bc = o.link("b", "c");
     o.link("c", "d");
@@ -284,9 +185,9 @@ fn five_nodes_converge_reroute_and_refuse_a_node_without_the_network_key() {
 
     let start = Instant::now();
     for n in five {
-        o.start(n, true);
+        o.start_node(n, true);
     }
-    o.start("f", false);
+    o.start_node("f", false);
     o.learn_subnets(&["a", "b", "c", "d", "e", "f"]);
 
     // Every node lists the other four /64s with loop-free next hops within 10 s of start.
@@ -383,12 +284,12 @@ fn five_nodes_converge_reroute_and_refuse_a_node_without_the_network_key() {
 #[test]
 fn a_killed_peer_restarted_with_its_key_is_reconnected() {
     let three = ["a", "b", "c"];
-    let mut o = Overlay::new("ovlrs", &three);
+    let mut o = overlay("ovlrs", &three);
     o.link("a", "b");
     // c dials b over IPv6 (`udp://[fd00:..]:9651`), exercising the dual-stack socket.
     o.link_over("b", "c", true);
     for n in three {
-        o.start(n, false);
+        o.start_node(n, false);
     }
     o.learn_subnets(&three);
     let took = o
@@ -413,7 +314,7 @@ fn a_killed_peer_restarted_with_its_key_is_reconnected() {
 
     // Restart b with the same key: the same /64 comes back and every route returns.
     let restart = Instant::now();
-    o.start("b", false);
+    o.start_node("b", false);
     o.learn_subnets(&["b"]);
     assert_eq!(o.subnets["b"], b_subnet, "same key, same /64");
     let took = o

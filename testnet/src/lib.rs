@@ -207,6 +207,12 @@ fn base36(mut n: u64) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The start of the tag of every net a process with `pid` makes with tag prefix `prefix`:
+/// `<prefix><pid in base 36>-` (e.g. `hy2n9c-`); the net's counter follows it.
+pub fn tag_prefix(prefix: &str, pid: u32) -> String {
+    format!("{prefix}{}-", base36(u64::from(pid)))
+}
+
 fn sanitize(s: &str, max: usize) -> String {
     let clean: String = s
         .chars()
@@ -296,11 +302,11 @@ impl TestNet {
                 "tag prefix `{prefix}`: use 1-2 lowercase ASCII letters"
             )));
         }
-        let pid = u64::from(std::process::id());
+        let pid = std::process::id();
         let existing = netns_names()?;
         let tag = loop {
             let n = NET_COUNTER.fetch_add(1, Ordering::Relaxed);
-            let tag = format!("{prefix}{}-{}", base36(pid), base36(u64::from(n)));
+            let tag = format!("{}{}", tag_prefix(prefix, pid), base36(u64::from(n)));
             // A namespace with this tag can only be a leftover of a dead process with our PID.
             if !existing.iter().any(|name| owned_by(name, &tag)) {
                 break tag;
@@ -811,6 +817,7 @@ mod tests {
         assert_eq!(base36(35), "z");
         assert_eq!(base36(36), "10");
         assert_eq!(base36(4_194_304), "2hwcg");
+        assert_eq!(tag_prefix("hd", 4_194_304), "hd2hwcg-");
     }
 
     #[test]
