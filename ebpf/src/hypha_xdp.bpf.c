@@ -610,6 +610,14 @@ int hypha_tc(struct __sk_buff *skb)
 	__u32 mangled = v6 ? 0 : BPF_F_MARK_MANGLED_0;
 	long err = 0;
 	if (step) {
+		/* Writing into a nonlinear skb makes it writable up to the write's end first
+		 * (skb_ensure_writable -> __pskb_pull_tail), growing the head by just that much: one
+		 * store per segment at rising offsets re-copied the whole head each time (measured:
+		 * quadratic, pskb_expand_head + memcpy the top of the profile). Pull it all once. */
+		if (bpf_skb_pull_data(skb, skb->len)) {
+			COUNT(c, gso_pass);
+			return TC_ACT_OK;
+		}
 		s.rewrite = 1;
 		bpf_loop(HYPHA_MAX_SEGS, seg_visit, &s, 0);
 		err = s.bad;
