@@ -71,7 +71,7 @@ struct Args {
     stats_listen: Option<SocketAddr>,
     /// XDP fast path: off, generic, driver, tc (the TC ingress program alone, no XDP), or auto
     /// (driver, falling back to generic; tc on veth, where generic XDP would copy every GSO/GRO
-    /// super-packet).
+    /// super-packet before running).
     #[arg(long, default_value = "auto", value_name = "MODE")]
     xdp: XdpSetting,
     /// Underlay interface to attach XDP to (repeatable); default: the interfaces the peers are

@@ -39,9 +39,9 @@
 //! map, which tells the program to do everything the XDP program does (non-peer drop, single
 //! datagram transit, hop limit, counters under the same names) besides the super-packets. Why
 //! `auto` picks it on veth: generic XDP linearises every nonlinear skb before it runs, a ~64 KB
-//! copy per GSO super-packet just to pass it on to TC, in the sender's softirq (measured:
-//! bench/RESULTS.md "XDP fast path"); TC sees the same skb without the copy, and generic XDP has
-//! no earlier hook to offer on veth.
+//! copy per GSO super-packet (ours or transit) just to pass it on to TC (measured:
+//! bench/RESULTS.md "XDP fast path"); TC copies only the transit super-packets it rewrites, once,
+//! and generic XDP has no earlier hook to offer on veth.
 //!
 //! **`bpf_fib_lookup` needs forwarding enabled** on the receiving interface
 //! (`net.ipv4.conf.<if>.forwarding` / `net.ipv6.conf.<if>.forwarding`); otherwise every transit
@@ -664,8 +664,9 @@ impl XdpFastPath {
                 tracing::info!(
                     iface,
                     "veth: using the TC program alone (generic XDP copies every GSO/GRO \
-                     super-packet into one linear buffer before running; native redirect \
-                     between veths needs tx offload off and XDP/GRO on the target's peer)"
+                     super-packet into one linear buffer before running, TC only the transit \
+                     ones it rewrites; native redirect between veths needs tx offload off and \
+                     XDP/GRO on the target's peer)"
                 );
                 match self.attach_tc_only(iface) {
                     Ok(m) => return Ok(m),

@@ -21,7 +21,8 @@
  *
  * On interfaces in `tc_only` (`--xdp tc`, and `auto` on veth) XDP is not attached and the TC
  * program does all of the above itself, on skbs, under the same counter names: generic XDP
- * would linearise (copy) every GSO super-packet before running, only to pass it to TC.
+ * would linearise (copy) every GSO super-packet before running, only to pass it to TC (this
+ * program copies just the transit ones it rewrites, once).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
