@@ -50,6 +50,10 @@ enum Cmd {
         /// repeatable.
         #[arg(long)]
         only: Vec<String>,
+        /// Another `--xdp` mode for the transit node b (off, generic, driver, tc), measured as
+        /// one more row beside `--xdp auto`; repeatable.
+        #[arg(long, value_name = "MODE", value_parser = ["off", "generic", "driver", "tc"])]
+        xdp_extra: Vec<String>,
     },
 }
 
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
             pings,
             hypha_dp,
             only,
+            xdp_extra,
         } => {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
@@ -88,6 +93,14 @@ fn main() -> ExitCode {
                 pings: if quick { 100 } else { pings.max(10) },
                 hypha_dp,
                 only,
+                xdp_extra: xdp_extra
+                    .iter()
+                    .filter_map(|m| {
+                        ["off", "generic", "driver", "tc"]
+                            .into_iter()
+                            .find(|k| k == m)
+                    })
+                    .collect(),
             };
             match system::run(opts) {
                 Ok(r) => {

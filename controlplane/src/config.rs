@@ -198,7 +198,7 @@ pub struct RunArgs {
     /// Name of the TUN device [default: hypha0].
     #[arg(long = "tun-name", value_name = "NAME")]
     pub tun_name: Option<String>,
-    /// The dataplane's XDP fast path: off, generic, driver or auto [default: hypha-dp's, auto].
+    /// The dataplane's XDP fast path: off, generic, driver, tc or auto [default: hypha-dp's, auto].
     #[arg(long = "xdp", value_name = "MODE")]
     pub xdp: Option<String>,
     /// Runtime directory (dataplane hand-over socket) [default: /run/hypha/<overlay address>].

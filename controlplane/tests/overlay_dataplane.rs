@@ -494,7 +494,7 @@ fn iperf_to(node: &Node, server: &Node, dst: &str, secs: u32, streams: u32) -> f
 #[ignore = "benchmark: run by hand in release mode"]
 fn bench_line_through_hypha_vs_bare_veth() {
     let mut o = overlay("ovbench", &["a", "b", "c"]);
-    // HYPHA_BENCH_XDP=off|generic|driver|auto picks hypha-dp's XDP mode (default: its own).
+    // HYPHA_BENCH_XDP=off|generic|driver|tc|auto picks hypha-dp's XDP mode (default: its own).
     if let Ok(mode) = std::env::var("HYPHA_BENCH_XDP") {
         o.extra = vec!["--xdp".into(), mode];
     }
@@ -549,9 +549,10 @@ fn bench_line_through_hypha_vs_bare_veth() {
 }
 
 /// The XDP fast path's counters reach `GET /api/v1/admin/stats` and `hypha stats` (through the
-/// hand-over stats the control plane polls): b's veth is attached in generic mode (`--xdp auto`,
-/// the default), and junk datagrams to b's port from a non-peer source (a's address, another
-/// port) are dropped in XDP and counted under `xdp.drop_unknown_peer`.
+/// hand-over stats the control plane polls): b's veth is attached in `tc` mode (`--xdp auto`,
+/// the default, puts the TC ingress program alone on veth), and junk datagrams to b's port from a
+/// non-peer source (a's address, another port) are dropped in the kernel and counted under
+/// `xdp.drop_unknown_peer`.
 #[test]
 fn xdp_counters_in_stats_api_and_cli() {
     let mut o = overlay("ovxdp", &["a", "b"]);
@@ -575,12 +576,12 @@ fn xdp_counters_in_stats_api_and_cli() {
     let iface_group = format!("xdp_iface_{b_iface}");
     let attached = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
         let s = o.stats("b");
-        s.get("xdp").and_then(|g| g.get("mode_generic")) == Some(&1)
-            && s.get(&iface_group).and_then(|g| g.get("generic")) == Some(&1)
+        s.get("xdp").and_then(|g| g.get("mode_tc")) == Some(&1)
+            && s.get(&iface_group).and_then(|g| g.get("tc")) == Some(&1)
     });
     assert!(
         attached.is_ok(),
-        "b's XDP not shown attached in generic mode: {:?}\n{}",
+        "b's fast path not shown attached in tc mode: {:?}\n{}",
         o.stats("b"),
         o.log("b")
     );
@@ -637,8 +638,8 @@ fn xdp_counters_in_stats_api_and_cli() {
     });
     let cli_drops = v["xdp"]["drop_unknown_peer"].as_u64().unwrap_or(0);
     assert!(cli_drops >= drops0 + JUNK, "{}", v["xdp"]);
-    assert_eq!(v["xdp"]["mode_generic"], 1, "{}", v["xdp"]);
-    assert_eq!(v[&iface_group]["generic"], 1, "{v}");
+    assert_eq!(v["xdp"]["mode_tc"], 1, "{}", v["xdp"]);
+    assert_eq!(v[&iface_group]["tc"], 1, "{v}");
     let text = o.node("b").exec_ok([BIN, "stats"]).expect("hypha stats");
     assert!(
         text.lines()

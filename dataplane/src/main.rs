@@ -69,7 +69,9 @@ struct Args {
     /// Serve the counters as JSON (HTTP/1.0) on this address, e.g. 127.0.0.1:9652.
     #[arg(long, value_name = "ADDR")]
     stats_listen: Option<SocketAddr>,
-    /// XDP fast path: off, generic, driver, or auto (driver, falling back to generic).
+    /// XDP fast path: off, generic, driver, tc (the TC ingress program alone, no XDP), or auto
+    /// (driver, falling back to generic; tc on veth, where generic XDP would copy every GSO/GRO
+    /// super-packet before running).
     #[arg(long, default_value = "auto", value_name = "MODE")]
     xdp: XdpSetting,
     /// Underlay interface to attach XDP to (repeatable); default: the interfaces the peers are

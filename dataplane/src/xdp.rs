@@ -21,10 +21,11 @@
 //! attached and forwarding on its last maps until the next start replaces it.
 //!
 //! **Modes.** `auto` tries driver (native) mode and falls back to generic (SKB) mode per
-//! interface, except on veth, which gets generic mode directly: native `bpf_redirect` between
-//! veths drops frames or corrupts UDP checksums unless the sender has tx checksum offload off and
-//! the target's peer runs XDP or GRO (ENVIRONMENT.md "Gotchas"). `driver` forces driver mode;
-//! `off` does nothing. When XDP can't be used at all, [`XdpFastPath::start`] fails
+//! interface, except on veth, which gets `tc` mode (below), or generic XDP if the TC program
+//! can't attach: native `bpf_redirect` between veths drops frames or corrupts UDP checksums
+//! unless the sender has tx checksum offload off and the target's peer runs XDP or GRO
+//! (ENVIRONMENT.md "Gotchas"). `driver`/`generic` force that XDP mode, `tc` forces TC mode,
+//! `off` does nothing. When the fast path can't be used at all, [`XdpFastPath::start`] fails
 //! and the caller logs it once and runs without it — every packet then takes the user-space
 //! path, which does everything XDP does.
 //!
@@ -33,6 +34,14 @@
 //! to the object's second program, `hypha_tc`, attached to TCX ingress next to every XDP
 //! attachment, which forwards them as skbs (docs/operations.md "Bulk transit"). When TCX is
 //! missing the XDP part still works and bulk transit takes the user-space path.
+//!
+//! **TC mode** (`tc`): `hypha_tc` alone, no XDP; the interface's ifindex goes into the `tc_only`
+//! map, which tells the program to do everything the XDP program does (non-peer drop, single
+//! datagram transit, hop limit, counters under the same names) besides the super-packets. Why
+//! `auto` picks it on veth: generic XDP linearises every nonlinear skb before it runs, a ~64 KB
+//! copy per GSO super-packet (ours or transit) just to pass it on to TC (measured:
+//! bench/RESULTS.md "XDP fast path"); TC copies only the transit super-packets it rewrites, once,
+//! and generic XDP has no earlier hook to offer on veth.
 //!
 //! **`bpf_fib_lookup` needs forwarding enabled** on the receiving interface
 //! (`net.ipv4.conf.<if>.forwarding` / `net.ipv6.conf.<if>.forwarding`); otherwise every transit
@@ -49,7 +58,8 @@ use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use hypha_ebpf::maps::{PeerKey, PeerValue, TransitKey, TransitValue, XdpCounters};
 use hypha_ebpf::{
-    MAP_ALLOWED_PEERS, MAP_COUNTERS, MAP_TRANSIT, PORT_GLOBAL, PROGRAM_NAME, TC_PROGRAM_NAME,
+    MAP_ALLOWED_PEERS, MAP_COUNTERS, MAP_TC_ONLY, MAP_TRANSIT, PORT_GLOBAL, PROGRAM_NAME,
+    TC_PROGRAM_NAME,
 };
 
 use crate::fib::Fib;
@@ -67,7 +77,9 @@ pub enum XdpSetting {
     Generic,
     /// Driver (native) mode only.
     Driver,
-    /// Driver mode, falling back to generic per interface.
+    /// The TC ingress program alone (no XDP), doing everything the XDP program does on skbs.
+    Tc,
+    /// Driver mode, falling back to generic per interface; TC alone on veth.
     #[default]
     Auto,
 }
@@ -79,8 +91,11 @@ impl std::str::FromStr for XdpSetting {
             "off" => Ok(XdpSetting::Off),
             "generic" | "skb" => Ok(XdpSetting::Generic),
             "driver" | "native" => Ok(XdpSetting::Driver),
+            "tc" => Ok(XdpSetting::Tc),
             "auto" => Ok(XdpSetting::Auto),
-            _ => Err(format!("--xdp {s}: expected off, generic, driver or auto")),
+            _ => Err(format!(
+                "--xdp {s}: expected off, generic, driver, tc or auto"
+            )),
         }
     }
 }
@@ -92,14 +107,17 @@ pub enum AttachedMode {
     Driver,
     /// Generic, in the stack (slower, works everywhere).
     Generic,
+    /// No XDP: the TC ingress program alone.
+    Tc,
 }
 
 impl AttachedMode {
-    /// "driver" or "generic".
+    /// "driver", "generic" or "tc".
     pub fn as_str(self) -> &'static str {
         match self {
             AttachedMode::Driver => "driver",
             AttachedMode::Generic => "generic",
+            AttachedMode::Tc => "tc",
         }
     }
 }
@@ -318,6 +336,18 @@ pub fn clean_stale_pins(dir: &Path) -> Result<usize, XdpError> {
     Ok(detached)
 }
 
+fn warn_forwarding(iface: &str) {
+    if !forwarding_enabled(iface) {
+        tracing::warn!(
+            iface,
+            "IP forwarding is off on this interface: bpf_fib_lookup refuses to forward, so \
+             transit traffic takes the user-space path (sysctl \
+             net.ipv4.conf.{iface}.forwarding=1 and net.ipv6.conf.{iface}.forwarding=1 enable \
+             the fast path)"
+        );
+    }
+}
+
 fn forwarding_enabled(iface: &str) -> bool {
     ["ipv4", "ipv6"].iter().all(|v| {
         std::fs::read_to_string(format!("/proc/sys/net/{v}/conf/{iface}/forwarding"))
@@ -418,7 +448,7 @@ impl XdpView {
         sum_counters(&self.counters)
     }
 
-    /// `driver` or `generic` when every attached interface has that mode, `mixed` when they
+    /// `driver`, `generic` or `tc` when every attached interface has that mode, `mixed` when they
     /// differ, `unattached` before the first interface is attached.
     pub fn mode(&self) -> &'static str {
         let mut modes = self.interfaces.iter().map(|(_, m)| *m);
@@ -486,6 +516,7 @@ pub struct XdpFastPath {
     peers_map: BpfHashMap<MapData, PeerKey, PeerValue>,
     transit_map: BpfHashMap<MapData, TransitKey, TransitValue>,
     counters_map: Arc<PerCpuArray<MapData, XdpCounters>>,
+    tc_only_map: BpfHashMap<MapData, u32, u32>,
     current: Desired,
     attached: Vec<Attachment>,
     /// Detected interfaces that refused the program (warned about once).
@@ -557,6 +588,8 @@ impl XdpFastPath {
         let counters_map = Arc::new(
             PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?,
         );
+        let tc_only_map =
+            BpfHashMap::try_from(take(&mut ebpf, MAP_TC_ONLY)?).map_err(map_err(MAP_TC_ONLY))?;
         {
             let prog: &mut Xdp = ebpf
                 .program_mut(PROGRAM_NAME)
@@ -595,6 +628,7 @@ impl XdpFastPath {
             peers_map,
             transit_map,
             counters_map,
+            tc_only_map,
             current: Desired::default(),
             attached: Vec::new(),
             refused: HashSet::new(),
@@ -606,23 +640,41 @@ impl XdpFastPath {
         Ok(fp)
     }
 
-    /// Attaches to `iface` (driver mode, then generic, as the setting allows; `auto` goes
-    /// straight to generic on veth, see the module doc) and pins the link.
-    /// Already attached: nothing to do.
+    /// Attaches to `iface` (driver mode, then generic, as the setting allows; `auto` puts the TC
+    /// program alone on veth, falling back to generic XDP, see the module doc) and pins the
+    /// link. Already attached: nothing to do.
     pub fn attach(&mut self, iface: &str) -> Result<AttachedMode, XdpError> {
         if let Some(a) = self.attached.iter().find(|a| a.iface == iface) {
             return Ok(a.mode);
         }
+        let mut errors = Vec::new();
         let modes: &[(XdpMode, AttachedMode)] = match self.setting {
             XdpSetting::Off => return Err(XdpError::Off),
             XdpSetting::Generic => &[(XdpMode::Skb, AttachedMode::Generic)],
             XdpSetting::Driver => &[(XdpMode::Driver, AttachedMode::Driver)],
+            XdpSetting::Tc => {
+                return self
+                    .attach_tc_only(iface)
+                    .map_err(|detail| XdpError::Attach {
+                        iface: iface.to_owned(),
+                        detail,
+                    })
+            }
             XdpSetting::Auto if driver_name(iface).as_deref() == Some("veth") => {
                 tracing::info!(
                     iface,
-                    "veth: using generic XDP (native redirect between veths needs tx offload \
-                     off and XDP/GRO on the target's peer)"
+                    "veth: using the TC program alone (generic XDP copies every GSO/GRO \
+                     super-packet into one linear buffer before running, TC only the transit \
+                     ones it rewrites; native redirect between veths needs tx offload off and \
+                     XDP/GRO on the target's peer)"
                 );
+                match self.attach_tc_only(iface) {
+                    Ok(m) => return Ok(m),
+                    Err(e) => {
+                        tracing::warn!(iface, "TC alone: {e}; trying generic XDP");
+                        errors.push(format!("tc: {e}"));
+                    }
+                }
                 &[(XdpMode::Skb, AttachedMode::Generic)]
             }
             XdpSetting::Auto => &[
@@ -636,7 +688,6 @@ impl XdpFastPath {
             .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM_NAME}")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
-        let mut errors = Vec::new();
         for (mode, got) in modes {
             match prog.attach(iface, *mode) {
                 Ok(id) => {
@@ -654,15 +705,7 @@ impl XdpFastPath {
                                 None
                             }
                         });
-                    if !forwarding_enabled(iface) {
-                        tracing::warn!(
-                            iface,
-                            "IP forwarding is off on this interface: bpf_fib_lookup refuses to \
-                             forward, so transit traffic takes the user-space path \
-                             (sysctl net.ipv4.conf.{iface}.forwarding=1 and \
-                             net.ipv6.conf.{iface}.forwarding=1 enable the fast path)"
-                        );
-                    }
+                    warn_forwarding(iface);
                     tracing::info!(iface, mode = got.as_str(), "XDP fast path attached");
                     let tc_link = self.attach_tc(iface);
                     self.attached.push(Attachment {
@@ -682,16 +725,42 @@ impl XdpFastPath {
         })
     }
 
-    /// Attaches the TC ingress program (GSO/GRO super-packets, which XDP passes) to `iface`
-    /// through TCX and pins the link (`link_tc_<iface>`). Without it the fast path still works;
-    /// bulk transit then takes the user-space path.
-    fn attach_tc(&mut self, iface: &str) -> Option<PinnedLink> {
+    /// Attaches the TC ingress program alone to `iface`, marked in `tc_only` so that it does
+    /// all of the XDP program's work there.
+    fn attach_tc_only(&mut self, iface: &str) -> Result<AttachedMode, String> {
         if !self.tc_loaded {
-            return None;
+            return Err(format!("{TC_PROGRAM_NAME} is not loaded"));
         }
+        let ifindex =
+            nix::net::if_::if_nametoindex(iface).map_err(|e| format!("no interface: {e}"))?;
+        // Marked first, so the first packet the program sees there is handled in full.
+        self.tc_only_map
+            .insert(ifindex, 1, 0)
+            .map_err(|e| format!("{MAP_TC_ONLY}: {e}"))?;
+        match self.tc_link(iface) {
+            Ok(l) => {
+                warn_forwarding(iface);
+                tracing::info!(iface, mode = "tc", "fast path attached (TC ingress alone)");
+                self.attached.push(Attachment {
+                    iface: iface.to_owned(),
+                    mode: AttachedMode::Tc,
+                    link: None,
+                    tc_link: Some(l),
+                });
+                Ok(AttachedMode::Tc)
+            }
+            Err(e) => {
+                let _ = self.tc_only_map.remove(&ifindex);
+                Err(e)
+            }
+        }
+    }
+
+    /// Attaches the TC ingress program to `iface` through TCX and pins the link
+    /// (`link_tc_<iface>`).
+    fn tc_link(&mut self, iface: &str) -> Result<PinnedLink, String> {
         let pin_path = self.dir.join(format!("link_tc_{iface}"));
-        let attached = self
-            .ebpf
+        self.ebpf
             .program_mut(TC_PROGRAM_NAME)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
             .ok_or_else(|| format!("no program {TC_PROGRAM_NAME}"))
@@ -702,7 +771,17 @@ impl XdpFastPath {
                 let link = tc.take_link(id).map_err(|e| e.to_string())?;
                 let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
                 fd.pin(&pin_path).map_err(|e| format!("pinning: {e}"))
-            });
+            })
+    }
+
+    /// Attaches the TC ingress program (GSO/GRO super-packets, which XDP passes) to `iface`
+    /// through TCX and pins the link (`link_tc_<iface>`). Without it the fast path still works;
+    /// bulk transit then takes the user-space path.
+    fn attach_tc(&mut self, iface: &str) -> Option<PinnedLink> {
+        if !self.tc_loaded {
+            return None;
+        }
+        let attached = self.tc_link(iface);
         match attached {
             Ok(l) => {
                 tracing::info!(iface, "TC ingress program attached (GSO/GRO bulk transit)");
@@ -894,6 +973,7 @@ mod tests {
         assert_eq!("off".parse(), Ok(XdpSetting::Off));
         assert_eq!("generic".parse(), Ok(XdpSetting::Generic));
         assert_eq!("driver".parse(), Ok(XdpSetting::Driver));
+        assert_eq!("tc".parse(), Ok(XdpSetting::Tc));
         assert_eq!("auto".parse(), Ok(XdpSetting::Auto));
         assert!("on".parse::<XdpSetting>().is_err());
     }

@@ -1,7 +1,7 @@
 //! The XDP fast path in network namespaces (root only; skipped otherwise).
 //!
 //! - `transit_line_driver_mode`: a line a–b–c of `hypha-dp --static-config`, XDP on b forced
-//!   to driver mode (`--xdp driver`; auto picks generic on veth) with the interfaces detected from the peers: iperf3 a→c is
+//!   to driver mode (`--xdp driver`; auto picks tc on veth) with the interfaces detected from the peers: iperf3 a→c is
 //!   forwarded by b's XDP program (redirect counter) while b's user space sees almost none of
 //!   it; datagrams to b's port from a non-peer are dropped in XDP and never reach b's dataplane,
 //!   handshake initiations pass; `bpftool map dump pinned` shows the counters by name; after a
@@ -12,10 +12,12 @@
 //!   the route to the other link, [`XdpFastPath::sync`] rewrites the transit map, and pings keep
 //!   flowing over the new next hop; a crafted frame forwarded to a plain socket arrives with
 //!   only its hop limit changed (checksums right), and at hop limit 1 it is passed up instead.
+//!   `reroute_updates_the_transit_map_tc_mode`: the same with the TC ingress program alone.
 //!
-//! - `transit_line_auto_mode_is_generic_on_veth`: the same line with IP forwarding on b and no
-//!   ethtool tweaks, over an IPv4 and an IPv6 underlay: `--xdp auto` attaches b's veths in
-//!   generic mode, and a→c traffic crosses b through XDP redirects; an iperf3 run's GSO
+//! - `transit_line_auto_mode_is_tc_on_veth`: the same line with IP forwarding on b and no
+//!   ethtool tweaks, over an IPv4 and an IPv6 underlay: `--xdp auto` attaches only the TC
+//!   ingress program to b's veths (mode `tc`), and a→c traffic crosses b through its redirects
+//!   (counter `redirect`, as XDP's); then `--xdp generic` over IPv4; an iperf3 run's GSO
 //!   super-packets cross b through the TC ingress program (`gso_redirect`) while b's user space
 //!   forwards (almost) none of it, also with b's tx checksum offload off, where c's kernel
 //!   verifies every segment's UDP checksum and a capture at c (tshark, if installed) shows every
@@ -395,22 +397,30 @@ fn transit_line_driver_mode() {
 }
 
 /// `--xdp auto` on a transit node whose underlay is veth, with IP forwarding on (so
-/// `bpf_fib_lookup` succeeds and the program redirects): generic mode, and traffic flows without
-/// the ethtool tweaks native veth redirect needs.
+/// `bpf_fib_lookup` succeeds and the program redirects): the TC ingress program alone (`tc`),
+/// and traffic flows without the ethtool tweaks native veth redirect needs. `--xdp generic`
+/// (generic XDP in front of the TC program, which then forwards only super-packets) over IPv4
+/// too.
 #[test]
-fn transit_line_auto_mode_is_generic_on_veth() {
+fn transit_line_auto_mode_is_tc_on_veth() {
     if !is_root() || !have("iperf3") || !have("ethtool") {
         eprintln!("skipped: needs root, iperf3 and ethtool");
         return;
     }
     hypha_testnet::ensure_bpffs().unwrap();
     for v6 in [false, true] {
-        auto_line(v6);
+        auto_line(v6, "auto");
     }
+    auto_line(false, "generic");
 }
 
-fn auto_line(v6: bool) {
-    let net = TestNet::new(if v6 { "xdpa6" } else { "xdpa4" }).unwrap();
+fn auto_line(v6: bool, xdp: &str) {
+    let net = TestNet::new(match (v6, xdp) {
+        (false, "auto") => "xdpa4",
+        (true, "auto") => "xdpa6",
+        _ => "xdpg4",
+    })
+    .unwrap();
     let _pins = PinRootGuard(pin_root(&net));
     let a = net.add_node("a").unwrap();
     let b = net.add_node("b").unwrap();
@@ -457,18 +467,21 @@ fn auto_line(v6: bool) {
         }],
     );
     let _pa = start(&net, &a, "dp-a", &cfg_a, "off");
-    let pb = start(&net, &b, "dp-b", &cfg_b, "auto");
+    let pb = start(&net, &b, "dp-b", &cfg_b, xdp);
     let _pc = start(&net, &c, "dp-c", &cfg_c, "off");
 
     let s = stats(&b).unwrap();
     let log = pb.log().unwrap_or_default();
+    let mode = if xdp == "auto" { "tc" } else { xdp };
     for iface in [ab.b().ifname(), bc.a().ifname()] {
         assert_eq!(
-            s["xdp"]["interfaces"][iface], "generic",
+            s["xdp"]["interfaces"][iface], mode,
             "v6 {v6}: {iface}: {s}\n{log}"
         );
     }
-    assert!(log.contains("veth: using generic XDP"), "{log}");
+    if xdp == "auto" {
+        assert!(log.contains("veth: using the TC program alone"), "{log}");
+    }
 
     // Warm up (neighbours resolve), then 20 pings: each request and reply crosses b once.
     let p = a
@@ -494,8 +507,8 @@ fn auto_line(v6: bool) {
         "v6 {v6}: pings crossed b's XDP only {redirected} times"
     );
     // Bulk: a's dataplane sends UDP GSO super-packets, which cross the veth whole. Generic XDP
-    // passes them on (`pass_gso`) and the TC ingress program forwards them (`gso_redirect`):
-    // b's user space sees (almost) none of the transfer.
+    // passes them on (`pass_gso`), or isn't there (`tc`), and the TC ingress program forwards
+    // them (`gso_redirect`): b's user space sees (almost) none of the transfer.
     let bulk = |label: &str| {
         let c0 = |n: &str| counter(&b, n);
         let (redirect0, gso0, fwd0) = (c0("xdp_redirect"), c0("xdp_gso_redirect"), c0("forwarded"));
@@ -505,7 +518,7 @@ fn auto_line(v6: bool) {
         let gso = counter(&b, "xdp_gso_redirect") - gso0;
         let fwd = counter(&b, "forwarded") - fwd0;
         eprintln!(
-            "v6 {v6} ({label}): iperf3 a->c through b (generic XDP + TC): {bytes} bytes, \
+            "v6 {v6} ({label}): iperf3 a->c through b (--xdp {xdp}): {bytes} bytes, \
              {:.2} Gbit/s; b: xdp_redirect +{redirect}, gso_redirect +{gso}, user-space \
              forwarded +{fwd}; XDP counters {}",
             bps / 1e9,
@@ -704,13 +717,24 @@ fn fib_of(routes: &[(&str, u32)]) -> Fib {
 
 #[test]
 fn reroute_updates_the_transit_map_generic_mode() {
+    reroute(XdpSetting::Generic, "xdpre");
+}
+
+/// The same with the TC ingress program alone (`--xdp tc`): single datagrams forwarded and
+/// counted under `redirect`, the map follows the FIB, hop limit 1 passes up.
+#[test]
+fn reroute_updates_the_transit_map_tc_mode() {
+    reroute(XdpSetting::Tc, "xdprt");
+}
+
+fn reroute(setting: XdpSetting, name: &str) {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
     }
     hypha_testnet::ensure_bpffs().unwrap();
     let t0 = Instant::now();
-    let net = TestNet::new("xdpre").unwrap();
+    let net = TestNet::new(name).unwrap();
     let _pins = PinRootGuard(pin_root(&net));
     let a = net.add_node("a").unwrap();
     let b = net.add_node("b").unwrap();
@@ -758,7 +782,7 @@ fn reroute_updates_the_transit_map_generic_mode() {
         assert_eq!(p.received, 1, "b -> {ip}");
     }
     let mut cfg = XdpConfig::new(B.parse().unwrap(), PORT);
-    cfg.setting = XdpSetting::Generic;
+    cfg.setting = setting;
     cfg.ifaces = [ab.b(), bc1.a(), bc2.a()]
         .iter()
         .map(|e| e.ifname().to_owned())
@@ -880,7 +904,7 @@ fn reroute_updates_the_transit_map_generic_mode() {
     fp.shutdown();
     assert!(!dir.exists());
     assert!(xdp_prog_ids(&b, ab.b().ifname()).is_empty());
-    eprintln!("XDP reroute test took {:?}", t0.elapsed());
+    eprintln!("XDP reroute test ({setting:?}) took {:?}", t0.elapsed());
 }
 
 /// Not a test but a measurement (run with `cargo test --release -p hypha-dataplane --test xdp

@@ -18,6 +18,11 @@
  *  - anything else passes.
  * Every packet is counted once in `counters` under the reason that decided it; the TC
  * program counts the super-packets it sees again under gso_*.
+ *
+ * On interfaces in `tc_only` (`--xdp tc`, and `auto` on veth) XDP is not attached and the TC
+ * program does all of the above itself, on skbs, under the same counter names: generic XDP
+ * would linearise (copy) every GSO super-packet before running, only to pass it to TC (this
+ * program copies just the transit ones it rewrites, once).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -62,6 +67,15 @@ struct {
 	__type(key, __u32);
 	__type(value, struct xdp_counters);
 } counters SEC(".maps");
+
+/* Interfaces (by ifindex) where the TC ingress program runs alone (`--xdp tc`, auto on veth): it
+ * then does everything the XDP program does, for single datagrams as well as super-packets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} tc_only SEC(".maps");
 
 #define COUNT(c, field) \
 	do { \
@@ -382,7 +396,10 @@ int hypha_xdp(struct xdp_md *ctx)
  *  - addresses, ports and every segment's hop limit are rewritten with the skb checksum helpers,
  *    which know a CHECKSUM_PARTIAL skb (only pseudo-header changes go into its seed);
  *  - bpf_redirect to the egress device, where GSO splits it (or the device does).
- * Frames that are not super-packets are XDP's and pass here untouched and uncounted.
+ * Frames that are not super-packets are XDP's and pass here untouched and uncounted, except on
+ * a `tc_only` interface, where there is no XDP: there this program drops non-peers (handshake
+ * frames excepted), forwards a single transit datagram as a one-segment super-packet (hop limit
+ * fixed in the checksum too, which a non-partial skb needs) and counts it all under XDP's names.
  */
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
@@ -431,7 +448,10 @@ SEC("classifier")
 int hypha_tc(struct __sk_buff *skb)
 {
 	__u32 step = skb->gso_size;
-	if (!step)
+	__u32 ifindex = skb->ingress_ifindex;
+	/* Alone on this interface: everything is ours to decide. Behind XDP: only super-packets. */
+	int full = bpf_map_lookup_elem(&tc_only, &ifindex) != NULL;
+	if (!step && !full)
 		return TC_ACT_OK;
 	__u32 zero = 0;
 	struct xdp_counters *c = bpf_map_lookup_elem(&counters, &zero);
@@ -442,62 +462,130 @@ int hypha_tc(struct __sk_buff *skb)
 	int v6;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
-		if (bpf_skb_load_bytes(skb, ETH_LEN, &ip, sizeof(ip)) || ip.protocol != IPPROTO_UDP ||
-		    ip.ihl != 5)
+		if (bpf_skb_load_bytes(skb, ETH_LEN, &ip, sizeof(ip))) {
+			if (full)
+				COUNT(c, malformed);
 			return TC_ACT_OK;
+		}
+		if (ip.protocol != IPPROTO_UDP) {
+			if (full)
+				COUNT(c, pass_not_ours);
+			return TC_ACT_OK;
+		}
+		if (ip.ihl != 5 || (ip.frag_off & bpf_htons(0x3fff))) {
+			if (full)
+				COUNT(c, malformed);
+			return TC_ACT_OK;
+		}
 		__builtin_memcpy(pk.addr, &ip.saddr, 4);
 		pk.family = HYPHA_FAMILY_V4;
 		l4 = ETH_LEN + sizeof(struct iphdr);
 		v6 = 0;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
-		if (bpf_skb_load_bytes(skb, ETH_LEN, &ip6, sizeof(ip6)) || ip6.nexthdr != IPPROTO_UDP)
+		if (bpf_skb_load_bytes(skb, ETH_LEN, &ip6, sizeof(ip6))) {
+			if (full)
+				COUNT(c, malformed);
 			return TC_ACT_OK;
+		}
+		if (ip6.nexthdr != IPPROTO_UDP) {
+			if (full)
+				COUNT(c, pass_not_ours);
+			return TC_ACT_OK;
+		}
 		__builtin_memcpy(pk.addr, &ip6.saddr, 16);
 		pk.family = HYPHA_FAMILY_V6;
 		l4 = ETH_LEN + sizeof(struct ipv6hdr);
 		v6 = 1;
 	} else {
+		if (full)
+			COUNT(c, pass_not_ours);
 		return TC_ACT_OK;
 	}
 	struct udphdr udp;
-	if (bpf_skb_load_bytes(skb, l4, &udp, sizeof(udp)) || udp.dest != bpf_htons(hypha_port))
+	if (bpf_skb_load_bytes(skb, l4, &udp, sizeof(udp))) {
+		if (full)
+			COUNT(c, malformed);
 		return TC_ACT_OK;
+	}
+	if (udp.dest != bpf_htons(hypha_port)) {
+		if (full)
+			COUNT(c, pass_not_ours);
+		return TC_ACT_OK;
+	}
 	pk.port = bpf_ntohs(udp.source);
+	__u32 payload = l4 + sizeof(struct udphdr);
+	__u8 first[2] = { 0, 0 };
+	int have_first = !bpf_skb_load_bytes(skb, payload, first, 2);
 	if (!bpf_map_lookup_elem(&allowed_peers, &pk)) {
-		/* XDP already dropped these unless it isn't attached here. */
-		COUNT(c, gso_pass);
-		return TC_ACT_OK;
+		if (!full) {
+			/* XDP already dropped these unless it isn't attached here. */
+			COUNT(c, gso_pass);
+			return TC_ACT_OK;
+		}
+		__u8 frame = have_first ? first[0] : 0;
+		if (frame == HYPHA_FRAME_LINK_INIT || frame == HYPHA_FRAME_LINK_RESP ||
+		    frame == HYPHA_FRAME_LINK_FINISH) {
+			COUNT(c, pass_handshake);
+			return TC_ACT_OK;
+		}
+		COUNT(c, drop_unknown_peer);
+		return TC_ACT_SHOT;
 	}
 
 	struct seg_ctx s = {
 		.skb = skb,
-		.off = l4 + sizeof(struct udphdr),
+		.off = payload,
 		.end = skb->len,
 		.step = step,
 	};
-	if (bpf_skb_load_bytes(skb, s.off + HYPHA_DATA_DST_OFF, &s.prefix, 8)) {
+	if (!step) {
+		/* One datagram (TC alone): one segment, counted under XDP's names. */
+		if (!have_first || first[0] != HYPHA_FRAME_DATA ||
+		    s.end < s.off + HYPHA_DATA_HEADER_LEN ||
+		    bpf_skb_load_bytes(skb, s.off + HYPHA_DATA_DST_OFF, &s.prefix, 8)) {
+			COUNT(c, pass);
+			return TC_ACT_OK;
+		}
+		s.step = s.end - s.off;
+		struct transit_key tk1;
+		__builtin_memcpy(tk1.prefix, &s.prefix, 8);
+		if (!bpf_map_lookup_elem(&transit, &tk1)) {
+			COUNT(c, pass);
+			return TC_ACT_OK;
+		}
+		if (first[1] <= 1) {
+			COUNT(c, pass_hop_limit);
+			return TC_ACT_OK;
+		}
+	} else if (bpf_skb_load_bytes(skb, s.off + HYPHA_DATA_DST_OFF, &s.prefix, 8)) {
 		COUNT(c, gso_pass);
 		return TC_ACT_OK;
 	}
 	struct transit_key tk;
 	__builtin_memcpy(tk.prefix, &s.prefix, 8);
 	struct transit_value *nh = bpf_map_lookup_elem(&transit, &tk);
+	if (!step && nh && nh->family != (v6 ? HYPHA_FAMILY_V6 : HYPHA_FAMILY_V4)) {
+		COUNT(c, pass_family);
+		return TC_ACT_OK;
+	}
 	if (!nh || nh->family != (v6 ? HYPHA_FAMILY_V6 : HYPHA_FAMILY_V4) ||
-	    (s.end - s.off + step - 1) / step > HYPHA_MAX_SEGS) {
+	    (s.end - s.off + s.step - 1) / s.step > HYPHA_MAX_SEGS) {
 		COUNT(c, gso_pass);
 		return TC_ACT_OK;
 	}
-	bpf_loop(HYPHA_MAX_SEGS, seg_visit, &s, 0);
-	if (s.bad) {
-		COUNT(c, gso_pass);
-		return TC_ACT_OK;
+	if (step) {
+		bpf_loop(HYPHA_MAX_SEGS, seg_visit, &s, 0);
+		if (s.bad) {
+			COUNT(c, gso_pass);
+			return TC_ACT_OK;
+		}
 	}
 
 	struct bpf_fib_lookup fib = {};
 	fib.l4_protocol = IPPROTO_UDP;
 	fib.tot_len = 0; /* GSO-aware MTU check of the skb against the egress device */
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = ifindex;
 	if (v6) {
 		fib.family = AF_INET6;
 		__builtin_memcpy(fib.ipv6_src, nh->src, 16);
@@ -507,18 +595,45 @@ int hypha_tc(struct __sk_buff *skb)
 		__builtin_memcpy(&fib.ipv4_src, nh->src, 4);
 		__builtin_memcpy(&fib.ipv4_dst, nh->addr, 4);
 	}
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
-		COUNT(c, gso_pass);
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+		if (step)
+			COUNT(c, gso_pass);
+		else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+			COUNT(c, pass_no_neigh);
+		else
+			COUNT(c, pass_fib_other);
 		return TC_ACT_OK;
 	}
 
 	/* Rewrite. From here on a failure leaves a half-rewritten packet: drop it. */
 	__u32 csum_off = l4 + offsetof(struct udphdr, check);
 	__u32 mangled = v6 ? 0 : BPF_F_MARK_MANGLED_0;
-	s.rewrite = 1;
-	bpf_loop(HYPHA_MAX_SEGS, seg_visit, &s, 0);
+	long err = 0;
+	if (step) {
+		/* Writing into a nonlinear skb makes it writable up to the write's end first
+		 * (skb_ensure_writable -> __pskb_pull_tail), growing the head by just that much: one
+		 * store per segment at rising offsets re-copied the whole head each time (measured:
+		 * quadratic, pskb_expand_head + memcpy the top of the profile). Pull it all once. */
+		if (bpf_skb_pull_data(skb, skb->len)) {
+			COUNT(c, gso_pass);
+			return TC_ACT_OK;
+		}
+		s.rewrite = 1;
+		bpf_loop(HYPHA_MAX_SEGS, seg_visit, &s, 0);
+		err = s.bad;
+	} else {
+		/* The hop limit is payload: a CHECKSUM_PARTIAL skb's seed doesn't cover it (the
+		 * helper then changes nothing), a complete checksum does. */
+		__u8 new_first[2] = { first[0], first[1] - 1 };
+		__u16 old_w, new_w;
+		__builtin_memcpy(&old_w, first, 2);
+		__builtin_memcpy(&new_w, new_first, 2);
+		err |= bpf_l4_csum_replace(skb, csum_off, old_w, new_w, 2 | mangled);
+		err |= bpf_skb_store_bytes(skb, payload + HYPHA_DATA_HOP_LIMIT_OFF, &new_first[1], 1,
+					   0);
+	}
 	__u16 ports[2] = { udp.dest, bpf_htons(nh->port) };
-	long err = s.bad;
 	if (v6) {
 		__u32 addrs[8];
 		__builtin_memcpy(addrs, nh->src, 16);
@@ -559,7 +674,10 @@ int hypha_tc(struct __sk_buff *skb)
 		COUNT(c, gso_drop);
 		return TC_ACT_SHOT;
 	}
-	COUNT(c, gso_redirect);
+	if (step)
+		COUNT(c, gso_redirect);
+	else
+		COUNT(c, redirect);
 	return bpf_redirect(fib.ifindex, 0);
 }
 

@@ -33,6 +33,9 @@ pub const PORT_GLOBAL: &str = "hypha_port";
 pub const MAP_ALLOWED_PEERS: &str = "allowed_peers";
 /// The transit map: [`maps::TransitKey`] → [`maps::TransitValue`].
 pub const MAP_TRANSIT: &str = "transit";
+/// The TC-only interfaces: ifindex (`u32`) → `u32` (1). On these the TC ingress program runs
+/// without XDP in front and does all of its work (`--xdp tc`, `auto` on veth).
+pub const MAP_TC_ONLY: &str = "tc_only";
 /// The per-CPU counters: one entry (key 0) of [`maps::XdpCounters`].
 pub const MAP_COUNTERS: &str = "counters";
 
@@ -54,6 +57,7 @@ mod tests {
             MAP_ALLOWED_PEERS,
             MAP_TRANSIT,
             MAP_COUNTERS,
+            MAP_TC_ONLY,
         ] {
             assert!(
                 PROGRAM.windows(name.len()).any(|w| w == name.as_bytes()),

@@ -70,6 +70,9 @@ pub struct Options {
     pub hypha_dp: Option<PathBuf>,
     /// Only systems whose key contains one of these.
     pub only: Vec<String>,
+    /// More `--xdp` modes for b, each an extra transit row (`hypha-<n>w-transit-xdp-<mode>`)
+    /// beside the `--xdp auto` one.
+    pub xdp_extra: Vec<&'static str>,
 }
 
 /// The medians of one system.
@@ -148,8 +151,8 @@ pub struct Results {
     pub load: (String, String),
 }
 
-/// The systems, in report order.
-pub fn systems(cores: usize) -> Vec<System> {
+/// The systems, in report order; `xdp_extra`: more `--xdp` modes for the transit row.
+pub fn systems(cores: usize, xdp_extra: &[&'static str]) -> Vec<System> {
     let mut v = vec![
         System::Veth,
         System::VethRouted,
@@ -165,15 +168,17 @@ pub fn systems(cores: usize) -> Vec<System> {
             v.push(System::Hypha {
                 workers,
                 transit,
-                xdp: false,
+                xdp: None,
             });
         }
     }
-    v.push(System::Hypha {
-        workers: cores.max(1),
-        transit: true,
-        xdp: true,
-    });
+    for mode in std::iter::once(&"auto").chain(xdp_extra) {
+        v.push(System::Hypha {
+            workers: cores.max(1),
+            transit: true,
+            xdp: Some(mode),
+        });
+    }
     v
 }
 
@@ -270,7 +275,7 @@ pub fn run(opts: Options) -> Result<Results, BenchError> {
     let hypha_dp = find_hypha_dp(opts.hypha_dp.as_deref());
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
-    for system in systems(cores) {
+    for system in systems(cores, &opts.xdp_extra) {
         let key = system.key();
         if !opts.only.is_empty() && !opts.only.iter().any(|o| key.contains(o.as_str())) {
             continue;
@@ -370,7 +375,7 @@ mod tests {
 
     #[test]
     fn systems_cover_every_row_of_the_issue() {
-        let keys: Vec<String> = systems(2).iter().map(System::key).collect();
+        let keys: Vec<String> = systems(2, &["generic"]).iter().map(System::key).collect();
         for k in [
             "veth",
             "veth-routed",
@@ -381,11 +386,12 @@ mod tests {
             "hypha-1w-transit",
             "hypha-2w-transit",
             "hypha-2w-transit-xdp",
+            "hypha-2w-transit-xdp-generic",
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }
         // One core: no duplicate Hypha rows.
-        let one: Vec<String> = systems(1).iter().map(System::key).collect();
+        let one: Vec<String> = systems(1, &[]).iter().map(System::key).collect();
         let mut dedup = one.clone();
         dedup.sort();
         dedup.dedup();

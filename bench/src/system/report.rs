@@ -494,6 +494,7 @@ mod tests {
                 pings: 100,
                 hypha_dp: None,
                 only: Vec::new(),
+                xdp_extra: Vec::new(),
             },
             elapsed: Duration::from_secs(3),
             load: ("1 1 1".into(), "2 2 2".into()),

@@ -31,8 +31,8 @@ pub enum System {
         workers: usize,
         /// a–b–c with b forwarding (transit) instead of a–b.
         transit: bool,
-        /// `--xdp` on the transit node.
-        xdp: bool,
+        /// `--xdp` on the transit node (`None`: `off`, as on every other node).
+        xdp: Option<&'static str>,
     },
 }
 
@@ -53,7 +53,11 @@ impl System {
                 workers,
                 if *workers == 1 { "" } else { "s" },
                 if *transit { "a–b–c" } else { "a–b" },
-                if *xdp { ", XDP transit" } else { "" }
+                match xdp {
+                    None => String::new(),
+                    Some("auto") => ", XDP transit".to_owned(),
+                    Some(m) => format!(", XDP transit, --xdp {m}"),
+                }
             ),
         }
     }
@@ -73,7 +77,11 @@ impl System {
                 "hypha-{}w{}{}",
                 workers,
                 if *transit { "-transit" } else { "" },
-                if *xdp { "-xdp" } else { "" }
+                match xdp {
+                    None => String::new(),
+                    Some("auto") => "-xdp".to_owned(),
+                    Some(m) => format!("-xdp-{m}"),
+                }
             ),
         }
     }
@@ -445,8 +453,13 @@ pub fn hypha_has_xdp(bin: &Path) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--xdp"))
 }
 
-fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenario, Unavailable> {
-    if xdp && !hypha_has_xdp(bin) {
+fn hypha(
+    bin: &Path,
+    workers: usize,
+    transit: bool,
+    xdp: Option<&'static str>,
+) -> Result<Scenario, Unavailable> {
+    if xdp.is_some() && !hypha_has_xdp(bin) {
         return Err(Unavailable::Skipped(
             "XDP transit pending: this hypha-dp has no --xdp (branch `xdp` not merged yet)".into(),
         ));
@@ -464,7 +477,7 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
         rx_key: dp::key(rx),
     };
     let (na, nb, nc) = (net64(HA), net64(HB), net64(HC));
-    let mut configs: Vec<(Node, String, bool)> = Vec::new();
+    let mut configs: Vec<(Node, String, Option<&'static str>)> = Vec::new();
     let (server, dst_addr) = if transit {
         let c = net.add_node("c")?;
         // bpf_fib_lookup forwards only with IP forwarding on; on in both transit rows, so the
@@ -480,7 +493,7 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
                 &[(&nc, 1), (&nb, 1)],
                 &[s_ac(HC, 7, 9, 0x33, 0x44)],
             ),
-            false,
+            None,
         ));
         configs.push((
             b.clone(),
@@ -500,7 +513,7 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
                 &[(&na, 1)],
                 &[s_ac(HA, 9, 7, 0x44, 0x33)],
             ),
-            false,
+            None,
         ));
         (c, HC)
     } else {
@@ -513,7 +526,7 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
                 &[(&nb, 1)],
                 &[s_ac(HB, 100, 200, 0x11, 0x22)],
             ),
-            false,
+            None,
         ));
         configs.push((
             b.clone(),
@@ -523,7 +536,7 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
                 &[(&na, 1)],
                 &[s_ac(HA, 200, 100, 0x22, 0x11)],
             ),
-            false,
+            None,
         ));
         (b.clone(), HB)
     };
@@ -541,7 +554,7 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
         ];
         // hypha-dp's default is `--xdp auto`: the rows without XDP say `off`.
         args.push("--xdp".into());
-        args.push(if *with_xdp { "auto" } else { "off" }.into());
+        args.push(with_xdp.unwrap_or("off").into());
         if transit && node.name() == "b" {
             args.push("--stats-listen".into());
             args.push(TRANSIT_STATS.into());
@@ -577,13 +590,19 @@ fn hypha(bin: &Path, workers: usize, transit: bool, xdp: bool) -> Result<Scenari
             "hypha-dp --static-config (no control plane), {workers} worker(s) per node, \
              AES-256-GCM, TUN MTU 1380, IPv6 overlay over IPv4 underlay{}",
             match (transit, xdp) {
-                (true, true) => {
-                    ", b forwards without decrypting, in the kernel: `--xdp auto` on b (generic \
-                     XDP on veth, plus the TC ingress program for GSO super-packets), IP \
-                     forwarding on"
+                (true, Some("auto")) => {
+                    ", b forwards without decrypting, in the kernel: `--xdp auto` on b (on veth: \
+                     the TC ingress program alone), IP forwarding on"
+                        .to_owned()
                 }
-                (true, false) => ", b forwards without decrypting, `--xdp off`, IP forwarding on",
-                _ => "",
+                (true, Some(m)) => format!(
+                    ", b forwards without decrypting, in the kernel: `--xdp {m}` on b, IP \
+                     forwarding on"
+                ),
+                (true, None) => {
+                    ", b forwards without decrypting, `--xdp off`, IP forwarding on".to_owned()
+                }
+                _ => String::new(),
             }
         ),
         tunnel_group,

@@ -769,9 +769,10 @@ impl Underlay for ShmUnderlay {
 
 /// The dataplane's `xdp` object (hand-over stats) as counter groups: `xdp` with every XDP/TC
 /// counter (summed over CPUs, names without the `xdp_` prefix), `loaded`, `mode_<mode>` = 1
-/// (`off`, `generic`, `driver`, `mixed` or `unattached`), `interfaces`, `interfaces_generic`,
-/// `interfaces_driver`, `transit_entries`, `allowed_peers`; and one `xdp_iface_<name>` group per
-/// attached interface with `generic` or `driver` = 1.
+/// (`off`, `generic`, `driver`, `tc`, `mixed` or `unattached`), `interfaces`,
+/// `interfaces_generic`, `interfaces_driver`, `interfaces_tc`, `transit_entries`,
+/// `allowed_peers`; and one `xdp_iface_<name>` group per attached interface with `generic`,
+/// `driver` or `tc` = 1.
 fn xdp_stats(v: &serde_json::Value, out: &mut Stats) {
     let Some(x) = v.get("xdp").and_then(|x| x.as_object()) else {
         return;
@@ -796,22 +797,24 @@ fn xdp_stats(v: &serde_json::Value, out: &mut Stats) {
             g.insert(k.to_owned(), n);
         }
     }
-    let (mut generic, mut driver) = (0u64, 0u64);
+    let (mut generic, mut driver, mut tc) = (0u64, 0u64, 0u64);
     if let Some(ifaces) = x.get("interfaces").and_then(|i| i.as_object()) {
         for (name, mode) in ifaces {
             let mode = mode.as_str().unwrap_or_default();
             match mode {
                 "generic" => generic += 1,
                 "driver" => driver += 1,
+                "tc" => tc += 1,
                 _ => continue,
             }
             let ig = out.entry(format!("xdp_iface_{name}")).or_default();
             ig.insert(mode.to_owned(), 1);
         }
     }
-    g.insert("interfaces".to_owned(), generic + driver);
+    g.insert("interfaces".to_owned(), generic + driver + tc);
     g.insert("interfaces_generic".to_owned(), generic);
     g.insert("interfaces_driver".to_owned(), driver);
+    g.insert("interfaces_tc".to_owned(), tc);
     out.insert("xdp".to_owned(), g);
 }
 
@@ -826,7 +829,7 @@ mod tests {
             "xdp": {
                 "loaded": true,
                 "mode": "generic",
-                "interfaces": {"veth0": "generic", "eth1": "driver", "odd": 5},
+                "interfaces": {"veth0": "generic", "eth1": "driver", "veth1": "tc", "odd": 5},
                 "transit_entries": 2,
                 "allowed_peers": 1,
                 "counters": {"xdp_redirect": 7, "xdp_drop_unknown_peer": 4, "xdp_bad": "x"},
@@ -840,9 +843,11 @@ mod tests {
         assert_eq!(x["redirect"], 7);
         assert_eq!(x["drop_unknown_peer"], 4);
         assert!(!x.contains_key("bad"));
-        assert_eq!(x["interfaces"], 2);
+        assert_eq!(x["interfaces"], 3);
         assert_eq!(x["interfaces_generic"], 1);
         assert_eq!(x["interfaces_driver"], 1);
+        assert_eq!(x["interfaces_tc"], 1);
+        assert_eq!(out["xdp_iface_veth1"]["tc"], 1);
         assert_eq!(x["transit_entries"], 2);
         assert_eq!(out["xdp_iface_veth0"]["generic"], 1);
         assert_eq!(out["xdp_iface_eth1"]["driver"], 1);
