@@ -924,32 +924,23 @@ impl Bus {
     }
 
     fn trim_finished(&mut self, now: Instant) {
-        while let Some(&id) = self.finished_out.front() {
-            let expired = self
-                .outbound
-                .get(&id)
-                .and_then(|m| m.finished_at)
-                .is_none_or(|t| t + self.cfg.status_ttl <= now);
-            if expired || self.finished_out.len() > self.cfg.max_status {
-                self.finished_out.pop_front();
-                self.outbound.remove(&id);
-            } else {
-                break;
-            }
-        }
-        while let Some(&id) = self.read_order.front() {
-            let expired = self
-                .inbound_status
-                .get(&id)
-                .and_then(|r| r.read_at)
-                .is_none_or(|t| t + self.cfg.status_ttl <= now);
-            if expired || self.read_order.len() > self.cfg.max_status {
-                self.read_order.pop_front();
-                self.inbound_status.remove(&id);
-            } else {
-                break;
-            }
-        }
+        let (ttl, max) = (self.cfg.status_ttl, self.cfg.max_status);
+        trim_statuses(
+            &mut self.finished_out,
+            &mut self.outbound,
+            now,
+            ttl,
+            max,
+            |m| m.finished_at,
+        );
+        trim_statuses(
+            &mut self.read_order,
+            &mut self.inbound_status,
+            now,
+            ttl,
+            max,
+            |r| r.read_at,
+        );
     }
 
     /// The runtime learned that frames to `dst` can go now where they could not before (its first
@@ -1300,5 +1291,30 @@ impl Bus {
     /// The smoothed RTT to `dst`, once measured.
     pub fn srtt(&self, dst: OverlayAddr) -> Option<Duration> {
         self.rtt.get(&dst).and_then(|r| r.srtt())
+    }
+}
+
+/// Forgets the oldest finished records in `order` (oldest first) whose status has been kept for
+/// `ttl` since `done_at`, or beyond `max` of them: finished messages stay queryable for a while,
+/// in bounded memory.
+fn trim_statuses<T>(
+    order: &mut VecDeque<MessageId>,
+    records: &mut HashMap<MessageId, T>,
+    now: Instant,
+    ttl: Duration,
+    max: usize,
+    done_at: impl Fn(&T) -> Option<Instant>,
+) {
+    while let Some(&id) = order.front() {
+        let expired = records
+            .get(&id)
+            .and_then(&done_at)
+            .is_none_or(|t| t + ttl <= now);
+        if expired || order.len() > max {
+            order.pop_front();
+            records.remove(&id);
+        } else {
+            break;
+        }
     }
 }
